@@ -1,0 +1,131 @@
+"""The one place that names physical mesh axes.
+
+Models annotate every parameter and activation with *logical* axis names ("batch", "embed", "heads", ...).
+This module maps them onto a ("data", "fsdp", "tensor") mesh with one of two rule sets:
+
+- TRAIN_RULES: FSDP (weights' embed dim over "fsdp") plus tensor parallelism (heads / mlp / vocab over
+  "tensor"); the batch is split over data and fsdp.
+- SERVE_RULES: weights and KV heads over "tensor" only (no per-step all-gathers of weights), decode slots over
+  data and fsdp.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+  """Logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated)."""
+
+  name: str
+  rules: Mapping[str, MeshAxes]
+
+  def spec(self, logical_axes: Sequence[str | None]) -> PartitionSpec:
+    return PartitionSpec(*(self.rules.get(a) if a else None for a in logical_axes))
+
+
+_COMMON = {"batch": ("data", "fsdp"), "seq": None, "cache_seq": None, "head_dim": None, "norm": None}
+TRAIN_RULES = ShardingRules("train", {
+    **_COMMON, "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
+SERVE_RULES = ShardingRules("serve", {
+    **_COMMON, "embed": None, "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
+
+
+class ShardingError(ValueError):
+  """A mesh layout that cannot split the model evenly (named, instead of a cryptic XLA error)."""
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh. Use -1 for at most one axis to take all remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ShardingError("at most one mesh axis may be -1")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+      raise ShardingError(f"{len(devices)} devices do not divide by the fixed mesh axes {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) > len(devices):
+    raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                        f"only {len(devices)} available")
+  grid = np.asarray(devices[:math.prod(sizes)], dtype=object).reshape(sizes)
+  return Mesh(grid, MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
+  if axes is None:
+    return 1
+  names = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def check_divisible(name: str, shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+                    rules: ShardingRules) -> None:
+  for dim, axis in zip(shape, logical_axes):
+    parts = _axis_size(mesh, rules.rules.get(axis) if axis else None)
+    if dim % parts:
+      raise ShardingError(
+          f"{name}: dimension {axis!r} of size {dim} cannot be split {parts} ways over mesh axes "
+          f"{rules.rules.get(axis)!r} (mesh {dict(mesh.shape)}, {rules.name} rules). "
+          + ("Tensor parallelism is bounded by the number of KV heads." if axis == "kv_heads" else ""))
+
+
+def logical_axes_of(state: nnx.State) -> Any:
+  """The `axes` metadata of every Variable in an nnx state (None where a variable has none)."""
+  return jax.tree.map(lambda v: v.get_metadata().get("axes"), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> Any:
+  """NamedSharding per variable of `state` (abstract or concrete), checking divisibility with clear errors."""
+  def one(path, variable):
+    axes = variable.get_metadata().get("axes") or (None,) * len(variable.shape)
+    check_divisible(jax.tree_util.keystr(path), variable.shape, axes, mesh, rules)
+    return NamedSharding(mesh, rules.spec(axes))
+
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def array_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules: ShardingRules,
+                   name: str = "array") -> NamedSharding:
+  check_divisible(name, shape, logical_axes, mesh, rules)
+  return NamedSharding(mesh, rules.spec(logical_axes))
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar(
+    "retro_jax_sharding", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: ShardingRules):
+  """Activates activation-sharding constraints while tracing (the trainer and the engine wrap their jits)."""
+  token = _ACTIVE.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op outside `use_rules` (single device, tests)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = rules.spec(logical_axes)
+  if any(dim % _axis_size(mesh, axes) for dim, axes in zip(x.shape, spec)):
+    return x  # e.g. a batch of 1 on a data axis of 4: let XLA choose rather than fail
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
