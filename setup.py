@@ -27,6 +27,7 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "jinja2>=3.1",  # chat templates (transformers does not require it)
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
     ],

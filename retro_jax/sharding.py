@@ -36,7 +36,10 @@ class ShardingRules:
     return PartitionSpec(*(self.rules.get(a) if a else None for a in logical_axes))
 
 
-_COMMON = {"batch": ("data", "fsdp"), "seq": None, "cache_seq": None, "head_dim": None, "norm": None}
+# Activations get their own names ("act_*"): under FSDP a weight's embed dim is split over "fsdp" while an
+# activation's embed dim must not be (its batch already is), the distinction MaxText draws the same way.
+_COMMON = {"batch": ("data", "fsdp"), "seq": None, "cache_seq": None, "head_dim": None, "norm": None,
+           "act_embed": None, "act_mlp": "tensor", "act_vocab": "tensor"}
 TRAIN_RULES = ShardingRules("train", {
     **_COMMON, "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
 SERVE_RULES = ShardingRules("serve", {

@@ -18,7 +18,7 @@ from flax import nnx
 
 from retro_jax import sharding
 from retro_jax.models.config import Qwen2Config
-from retro_jax.models.kv_cache import KVCache, write_rows
+from retro_jax.models.kv_cache import CACHE_AXES, KVCache, write_rows
 from retro_jax.models.rope import apply_rope, rope_frequencies
 
 _MASKED = -1e30  # finite, so a row with nothing to attend to (a padding query) gives no NaN
@@ -75,8 +75,8 @@ class Attention(nnx.Module):
     new_cache = None
     if cache is not None:
       cached_k, cached_v, starts = cache
-      cached_k = sharding.constrain(write_rows(cached_k, k, starts), ("batch", "cache_seq", "kv_heads", "head_dim"))
-      cached_v = sharding.constrain(write_rows(cached_v, v, starts), ("batch", "cache_seq", "kv_heads", "head_dim"))
+      cached_k = sharding.constrain(write_rows(cached_k, k, starts), CACHE_AXES)
+      cached_v = sharding.constrain(write_rows(cached_v, v, starts), CACHE_AXES)
       new_cache = (cached_k, cached_v)
       k, v = cached_k.astype(cfg.jnp_dtype), cached_v.astype(cfg.jnp_dtype)
     b, t = x.shape[:2]
@@ -104,7 +104,7 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(self.dtype))
     up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(self.dtype))
-    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
     return jnp.einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(self.dtype))
 
 
@@ -118,8 +118,8 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, positions, mask, cache):
     attn_out, new_cache = self.attention(self.input_norm(x), positions, mask, cache)
-    x = sharding.constrain(x + attn_out, ("batch", "seq", "embed"))
-    x = sharding.constrain(x + self.mlp(self.post_attention_norm(x)), ("batch", "seq", "embed"))
+    x = sharding.constrain(x + attn_out, ("batch", "seq", "act_embed"))
+    x = sharding.constrain(x + self.mlp(self.post_attention_norm(x)), ("batch", "seq", "act_embed"))
     return x, new_cache
 
 
@@ -155,7 +155,7 @@ class Qwen2ForCausalLM(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.config.jnp_dtype)
-    x = sharding.constrain(x, ("batch", "seq", "embed"))
+    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
     if kv_cache is None:
       mask, starts = causal_segment_mask(segment_ids), None
     else:
@@ -185,7 +185,7 @@ class Qwen2ForCausalLM(nnx.Module):
     """[b, t, d] -> [b, t, v] float32."""
     kernel = self.head_kernel().astype(self.config.jnp_dtype)
     logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
-    return sharding.constrain(logits, ("batch", "seq", "vocab"))
+    return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                kv_cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:

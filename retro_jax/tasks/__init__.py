@@ -1,0 +1,1 @@
+"""The synthetic reasoning task behind the bundled tiny reasoner: problems, R1-style traces, tokenizer."""
