@@ -1,0 +1,8 @@
+"""Retro-Search (Lu et al., 2025; docs/retro_search.md): revise reasoning traces at their thought switches.
+
+- `traces`: steps, thoughts and boundaries of a trace (lossless; `<think>` and `<|begin_of_thought|>` styles);
+- `retro_search`: the search of one record as a state machine (`SearchConfig`, `RecordSearch`);
+- `runner`: many records over one engine, resumable JSONL in and out, the run summary;
+- `generate`: sample and grade traces, the input of the search;
+- `cli`: `retro-jax search` and `retro-jax generate`.
+"""
