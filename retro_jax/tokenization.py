@@ -12,6 +12,8 @@ import json
 import os
 from typing import Sequence
 
+from retro_jax.grading import extract_final_answer
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THOUGHT_OPEN, THOUGHT_CLOSE = "<|begin_of_thought|>", "<|end_of_thought|>"  # OpenThoughts / Sky-T1 style
 
@@ -31,35 +33,11 @@ class TokenizerError(ValueError):
   pass
 
 
-def last_boxed(text: str) -> str | None:
-  """Content of the last `\\boxed{...}` or `\\fbox{...}` in `text`, nested braces included; None if absent."""
-  best, best_at = None, -1
-  for command in ("\\boxed", "\\fbox"):
-    at = text.rfind(command + "{")
-    if at > best_at:
-      content = _balanced(text, at + len(command))
-      if content is not None:
-        best, best_at = content, at
-  return best
-
-
-def _balanced(text: str, open_at: int) -> str | None:
-  depth = 0
-  for i in range(open_at, len(text)):
-    if text[i] == "{":
-      depth += 1
-    elif text[i] == "}":
-      depth -= 1
-      if depth == 0:
-        return text[open_at + 1:i]
-  return None  # unclosed: a truncated answer is no answer
-
-
 @dataclasses.dataclass(frozen=True)
 class ParsedCompletion:
   thinking: str  # between the opener (or the start) and the closer
   solution: str  # after the closer; "" when the thinking never closed
-  answer: str | None  # last boxed answer of the solution, else of the whole text (documented fallback)
+  answer: str | None  # grading.extract_final_answer: last box of the solution, else of the whole text
   closed: bool  # whether the thinking closed (a truncated trace has not)
 
 
@@ -74,10 +52,8 @@ def parse_completion(text: str) -> ParsedCompletion:
     closed = True
   else:
     thinking, solution, closed = body, "", False
-  answer = last_boxed(solution) if solution else None
-  if answer is None:
-    answer = last_boxed(text)
-  return ParsedCompletion(thinking=thinking, solution=solution, answer=answer, closed=closed)
+  return ParsedCompletion(thinking=thinking, solution=solution, answer=extract_final_answer(text),
+                          closed=closed)
 
 
 class Tokenizer:
