@@ -1,0 +1,55 @@
+"""Retro-Search weak-to-strong: Qwen2.5-32B fine-tuned on R1 traces revised by R1-Distill-Qwen-32B.
+
+Paper setting (Lu et al., 2025, section 1 of docs/retro_search.md): a smaller model revises DeepSeek-R1-671B
+traces of OpenThoughts-114k; Qwen2.5-32B fine-tuned on the result: -11.3% length, +2.4% accuracy against
+fine-tuning on the original traces (the control: --config.data.trace_field=trace). Optimizer settings are our
+choices, in the range the OpenThoughts / Sky-T1 32B recipes use.
+
+Hardware: TPU v5p-256 = 128 chips (95 GB HBM, 459 bf16 TFLOP/s each), 32 hosts of 4 chips.
+Mesh data=1 x fsdp=32 x tensor=4 = 128 chips:
+- tensor=4 divides the 8 KV heads and 40 query heads and stays inside one host; the batch is split over
+  fsdp = 32 = hosts, so each host feeds one distinct row per micro-batch (tensor=8 would span two hosts that
+  would then have to feed identical rows);
+- memory per chip: 32.76B params x 16 bytes (float32 master + Adam m, v + float32 grads) / 128 = 4.1 GB.
+  Activations, one 16k row per chip with full remat: 64 saved layer inputs x 16384 x 5120 x 2 B = 10.7 GB,
+  plus one layer's attention scores, 10 local heads x 16384^2 x 4 B = 10.7 GB (dense attention).
+Batch: 128 rows x 16384 positions = 2.1M tokens per optimizer step, as 4 micro-batches of 32 rows (one per
+fsdp shard). Model FLOPs at 16k: 224 GFLOP per token, ~4.7e17 FLOP per step: ~20 s at 40% MFU. 114k traces
+of ~6-8k tokens pack into roughly 50k rows, ~400 steps per epoch.
+Data: revised traces in `<think>` style (convert OpenThoughts' `<|begin_of_thought|>` markers first: the
+prompt ends with `<think>\\n`), `revised_trace` field; the Qwen2.5 ChatML template comes from the tokenizer.
+
+    retro-jax sft --config configs/qwen25_32b_weak_to_strong.py --config.workdir=/mnt/disks/runs/q32b_w2s
+"""
+from retro_jax.train.config import sft_config
+
+# Hub id Qwen/Qwen2.5-32B-Instruct, downloaded beforehand (training never reads the hub).
+MODEL_DIR = "/mnt/disks/models/Qwen2.5-32B-Instruct"
+TRAIN_PATH = "/mnt/disks/data/openthoughts114k_revised_by_r1_distill_32b/search_output.jsonl"
+
+
+def get_config():
+  c = sft_config()
+  c.model_dir = MODEL_DIR
+  c.param_dtype, c.compute_dtype = "float32", "bfloat16"
+  c.data.train_path = TRAIN_PATH
+  c.data.trace_field = "revised_trace"
+  c.data.eval_fraction = 0.005
+  c.data.seq_len = 16384
+  c.data.truncation = "drop"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 32, 4
+  c.batch_size = 128
+  c.grad_accum_steps = 4
+  c.num_epochs = 3.0
+  c.remat = "full"
+  c.loss_chunk_size = 2048
+  c.optim.learning_rate = 1e-5
+  c.optim.warmup_ratio = 0.1
+  c.optim.decay = "cosine"
+  c.optim.weight_decay = 0.0
+  c.optim.max_grad_norm = 1.0
+  c.log_every_steps = 1
+  c.eval_every_steps = 50
+  c.checkpoint_every_steps = 25
+  c.export_dtype = "bfloat16"
+  return c
