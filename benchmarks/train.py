@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax import sharding
+from retro_jax.models.config import SHAPES as PUBLISHED_SHAPES
 from retro_jax.models.config import Qwen2Config
 from retro_jax.train import config as config_lib
 from retro_jax.train import data, input_pipeline, metrics, sft, trainer
@@ -41,10 +42,8 @@ from retro_jax.train import data, input_pipeline, metrics, sft, trainer
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2,
                  head_dim=32, tie_word_embeddings=True),
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                 num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                 num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "0.5b": PUBLISHED_SHAPES["qwen2.5-0.5b"],
+    "1.5b": PUBLISHED_SHAPES["qwen2.5-1.5b"],
 }
 GPU_ONLY = {"0.5b", "1.5b"}
 DEFAULT_CASES = ["tiny@512x16", "tiny@256x32", "0.5b@2048x16", "0.5b@4096x8", "1.5b@2048x8", "1.5b@4096x4"]

@@ -158,3 +158,10 @@ def test_saved_config_reloads_in_both_directions(tmp_path):
   assert Qwen2Config.from_pretrained(str(tmp_path)) == config
   theirs = transformers.AutoConfig.from_pretrained(str(tmp_path))
   assert theirs.num_key_value_heads == 4 and theirs.rope_parameters["rope_type"] == "yarn"
+
+
+@pytest.mark.parametrize("name,published", [("qwen2.5-0.5b", 494_032_768), ("qwen2.5-1.5b", 1_543_714_304),
+                                            ("qwen2.5-7b", 7_615_616_512), ("qwen2.5-32b", 32_763_876_352)])
+def test_shape_presets_have_the_published_parameter_counts(name, published):
+  from retro_jax.models.config import shape_config
+  assert shape_config(name).num_params == published  # the model cards' totals

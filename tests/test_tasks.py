@@ -227,3 +227,14 @@ def test_sequence_lengths_fit_a_tiny_model(tokenizer_dir):
   assert statistics.mean(lengths) < 128
   assert lengths[int(0.95 * len(lengths))] <= 192
   assert lengths[-1] <= 256
+
+
+def test_traces_parse_with_the_search_segmentation(problems, default_traces):
+  """The project's own segmentation sees exactly the switches the writer put in, and splits losslessly."""
+  from retro_jax.search import traces as segmentation
+
+  for trace in default_traces:
+    parsed = segmentation.parse_trace(trace.text)
+    assert parsed.text == trace.text
+    assert len(segmentation.boundaries(parsed)) == trace.num_switches
+    assert len(parsed.steps) == trace.num_steps

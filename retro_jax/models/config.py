@@ -196,3 +196,25 @@ class Qwen2Config:
       raise FileNotFoundError(f"no config.json in {model_dir!r}: not an HF model directory")
     with open(path, encoding="utf-8") as f:
       return cls.from_hf_dict(json.load(f), **dtypes)
+
+
+# Published Qwen2-family shapes, for random-weight speed work without the checkpoints (benchmarks, capacity
+# planning). Loading a real checkpoint always reads its own config.json instead.
+_QWEN25_VOCAB = 151936
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(vocab_size=_QWEN25_VOCAB, hidden_size=896, intermediate_size=4864, num_layers=24,
+                         num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(vocab_size=_QWEN25_VOCAB, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                         num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                       num_kv_heads=4, head_dim=128, tie_word_embeddings=False),
+    "qwen2.5-32b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
+                        num_kv_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+
+
+def shape_config(name: str, **overrides) -> Qwen2Config:
+  """A Qwen2Config of a published shape (see SHAPES), e.g. shape_config("qwen2.5-1.5b", dtype="bfloat16")."""
+  if name not in SHAPES:
+    raise ConfigError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+  return Qwen2Config(**{**SHAPES[name], **overrides})
