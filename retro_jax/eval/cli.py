@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 
+from retro_jax import config_cli
 from retro_jax.eval import benchmarks, report, runner
 
 PROG = "retro-jax eval"
@@ -82,39 +82,14 @@ def _split_compare(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return files, rest
 
 
-def _config_file(argv: Sequence[str]) -> str | None:
-  for index, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-    if arg == "--config" and index + 1 < len(argv):
-      return argv[index + 1]
-  return None
-
-
 def parse_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str | None]:
   """The run's config from `argv` (without the program name), and the `--names` of a comparison."""
-  sys_argv = [PROG, *argv]
-  values = flags.FlagValues()  # private, so other subcommands' flags never clash with ours
-  path = _config_file(argv)
-  if path:
-    holder = config_flags.DEFINE_config_file("config", path, flag_values=values, sys_argv=sys_argv)
-  else:
-    holder = config_flags.DEFINE_config_dict("config", default_eval_config(), flag_values=values, sys_argv=sys_argv)
-  shortcuts = {name: (key, define(name, None, text, flag_values=values))
-               for name, (key, define, text) in _SHORTCUTS.items()}
-  names = flags.DEFINE_string("names", None, "comma-separated run names for --compare", flag_values=values)
-  leftover = values(sys_argv)
-  if len(leftover) > 1:
-    raise flags.Error(f"{PROG}: unexpected arguments {leftover[1:]}")
-  config = holder.value
-  for key, flag in shortcuts.values():
-    if flag.value is not None:
-      *parents, leaf = key.split(".")
-      node = config
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = flag.value
-  return config, names.value
+  def define_names(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("names", None, "comma-separated run names for --compare", flag_values=values)
+
+  config, values = config_cli.parse_config(argv, prog=PROG, default=default_eval_config(), shortcuts=_SHORTCUTS,
+                                           define_extra=define_names)
+  return config, values.names
 
 
 def eval_config(config: ml_collections.ConfigDict) -> runner.EvalConfig:

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 
+from retro_jax import config_cli
 from retro_jax.engine.requests import TextGenerator
 from retro_jax.grading import Grader
 from retro_jax.search import generate, runner
@@ -69,38 +69,11 @@ def default_generate_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _config_file(argv: Sequence[str]) -> str | None:
-  """The value of `--config` (not `--config.<key>`), if given."""
-  for index, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-    if arg == "--config" and index + 1 < len(argv):
-      return argv[index + 1]
-  return None
-
-
 def parse_config(argv: Sequence[str], default: ml_collections.ConfigDict, prog: str) -> ml_collections.ConfigDict:
-  """The run's config from `argv` (arguments only, without the program name); raises flags.Error on bad flags.
-
-  Flags live in a private FlagValues, so `search` and `generate` can both define `--input` in one process.
-  """
-  sys_argv = [prog, *argv]
-  values = flags.FlagValues()
-  path = _config_file(argv)
-  if path:
-    holder = config_flags.DEFINE_config_file("config", path, flag_values=values, sys_argv=sys_argv)
-  else:
-    holder = config_flags.DEFINE_config_dict("config", default, flag_values=values, sys_argv=sys_argv)
-  shortcuts = {name: (flags.DEFINE_integer if name in ("limit", "seed") else flags.DEFINE_string)(
-      name, None, text, flag_values=values) for name, text in _SHORTCUT_HELP.items()}
-  leftover = values(sys_argv)
-  if len(leftover) > 1:
-    raise flags.Error(f"unexpected arguments {leftover[1:]}")
-  config = holder.value
-  for name, flag in shortcuts.items():
-    if flag.value is not None:
-      config[name] = flag.value
-  return config
+  """The run's config from `argv` (arguments only, without the program name); raises flags.Error on bad flags."""
+  shortcuts = {name: (name, flags.DEFINE_integer if name in ("limit", "seed") else flags.DEFINE_string, text)
+               for name, text in _SHORTCUT_HELP.items()}
+  return config_cli.parse_config(argv, prog=prog, default=default, shortcuts=shortcuts)[0]
 
 
 def _usage(prog: str, default: ml_collections.ConfigDict) -> str:

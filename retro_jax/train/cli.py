@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
+
+from retro_jax import config_cli
 
 EXIT_PREEMPTED = 3
 
@@ -28,22 +29,14 @@ def parse_config(argv: Sequence[str], command: str) -> ml_collections.ConfigDict
   if any(a in ("-h", "--help", "--helpfull") for a in argv):
     print(__doc__)
     raise SystemExit(0)
-  full_argv = [f"retro-jax {command}", *argv]
-  flag_values = flags.FlagValues()
-  # The overrides are read from `sys_argv` when --config is parsed (by default from sys.argv).
-  config_flags.DEFINE_config_file("config", default=None, flag_values=flag_values, lock_config=True,
-                                  sys_argv=full_argv,
-                                  help_string=f"{command} experiment config (a .py file with get_config())")
   try:
-    rest = flag_values(full_argv)
+    config, _ = config_cli.parse_config(argv, prog=f"retro-jax {command}", lock_config=True)
   except (flags.Error, AttributeError, KeyError, ValueError) as e:  # unknown flag or key, unparsable value
     message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is a repr
     raise SystemExit(f"retro-jax {command}: {message}") from e
-  if len(rest) > 1:
-    raise SystemExit(f"retro-jax {command}: unexpected arguments {rest[1:]} (use --config.key=value)")
-  if flag_values.config is None:
+  if config is None:
     raise SystemExit(f"retro-jax {command}: --config FILE is required, e.g. configs/tiny_reasoner_{command}.py")
-  return flag_values.config
+  return config
 
 
 def _main(argv: Sequence[str], command: str, run: Callable) -> int:
