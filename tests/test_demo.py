@@ -1,0 +1,59 @@
+"""The bundled tiny reasoner and `retro-jax demo --quick` (every stage of the real pipeline, small)."""
+import json
+import os
+
+import pytest
+
+from retro_jax import demo
+from retro_jax.search import traces as segmentation
+from retro_jax.tasks import arithmetic
+
+BUNDLED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json")
+
+
+def test_bundled_model_is_complete_and_small():
+  sizes = {name: os.path.getsize(os.path.join(demo.DEFAULT_MODEL, name)) for name in BUNDLED_FILES}
+  assert sum(sizes.values()) <= 20 * 2**20, sizes
+
+
+def test_bundled_model_writes_well_formed_correct_traces():
+  from retro_jax.engine.requests import GenerationRequest
+  from retro_jax.engine.serving import load_text_generator
+  from retro_jax.grading import extract_final_answer
+  from retro_jax.tokenization import load_tokenizer
+
+  tokenizer = load_tokenizer(demo.DEFAULT_MODEL)
+  _, problems = arithmetic.make_splits(seed=7, n_train=0, n_eval=16)
+  generator = load_text_generator(demo.DEFAULT_MODEL, max_concurrent_decodes=16, max_seq_len=512, progress=False)
+  requests = [GenerationRequest(prompt_tokens=tuple(tokenizer.encode(tokenizer.render_prompt(p.question))),
+                                max_new_tokens=320) for p in problems]
+  correct = 0
+  for problem, result in zip(problems, generator.generate(requests)):
+    completion = result.samples[0]
+    assert completion.finish_reason == "eos", completion.text
+    parsed = segmentation.parse_trace(completion.text)  # raises when the thinking never closes
+    assert parsed.steps and all(step.strip() for step in parsed.steps)
+    answer = extract_final_answer(completion.text)
+    assert answer is not None, completion.text
+    correct += answer == str(problem.answer)
+  assert correct >= len(problems) // 2  # greedy accuracy of the shipped model is far above this floor
+
+
+def test_quick_demo_runs_every_stage(tmp_path):
+  out = str(tmp_path / "demo")
+  assert demo.main(["--quick", "--output", out]) == 0
+  for path in ("task/train.jsonl", "generate/traces.jsonl", "search/revised.jsonl", "sft/revised/export/config.json",
+               "sft/control/export/model.safetensors", "eval/base/summary.json", "eval/revised/summary.json",
+               "report.md", "demo_summary.json", "comparison.md", "comparison_accuracy_vs_length.png"):
+    assert os.path.exists(os.path.join(out, path)), path
+  with open(os.path.join(out, "demo_summary.json")) as f:
+    summary = json.load(f)
+  assert set(summary["models"]) == {"base", "control", "revised"}
+  assert summary["search"]["traces"] > 0 and summary["search"]["correct_after"] == 1.0
+  searched = [json.loads(line) for line in open(os.path.join(out, "search", "revised.jsonl"))]
+  assert len(searched) == demo.DemoConfig.quick(out).num_train_problems
+  # A second run finds every stage done and redoes nothing.
+  before = {p: os.path.getmtime(os.path.join(out, p)) for p in ("search/revised.jsonl", "eval/base/summary.json")}
+  assert demo.main(["--quick", "--output", out]) == 0
+  assert before == {p: os.path.getmtime(os.path.join(out, p)) for p in before}
