@@ -123,30 +123,20 @@ def sft_datasets(config: DemoConfig, search_path: str) -> tuple[dict[str, str], 
 
 
 def fine_tune(config: DemoConfig, name: str, data_path: str, num_examples: int) -> str:
-  from retro_jax.train.config import sft_config
+  from retro_jax.tasks.build import local_cpu_sft_config
   from retro_jax.train.sft import run_sft
 
   workdir = os.path.join(config.output, "sft", name)
   export_dir = os.path.join(workdir, "export")
   if os.path.exists(os.path.join(export_dir, "model.safetensors")):
     return export_dir
-  c = sft_config()
+  c = local_cpu_sft_config(workdir=workdir, export_dir=export_dir, seed=config.seed, log_every_steps=5)
   c.model_dir = config.model_dir
-  c.compute_dtype = "float32"
   c.data.train_path = data_path
   c.data.seq_len = 256
-  c.mesh.update(data=1, fsdp=1, tensor=1)
   c.batch_size = max(1, min(16, num_examples // 3))  # ~2 traces per 256-token row; small runs need >= 1 batch
   c.num_epochs = config.sft_epochs
   c.optim.update(learning_rate=config.sft_learning_rate, warmup_steps=2, decay="cosine", weight_decay=0.0)
-  c.seed = config.seed
-  c.workdir = workdir
-  c.checkpoint_every_steps = 0
-  c.async_checkpointing = False
-  c.log_every_steps = 5
-  c.eval_at_start = False
-  c.export_dir = export_dir
-  c.tensorboard = False
   run_sft(c)
   return export_dir
 

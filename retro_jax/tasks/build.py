@@ -24,35 +24,44 @@ BUNDLED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
                  "generation_config.json")
 
 
-def tiny_reasoner_sft_config(*, tokenizer_dir: str, train_path: str, workdir: str, export_dir: str,
-                             num_train_steps: int, seed: int) -> ml_collections.ConfigDict:
-  """The from-scratch SFT recipe. Sizes are chosen so 2 CPU cores build it in well under 30 minutes."""
+def local_cpu_sft_config(*, workdir: str, export_dir: str, seed: int, log_every_steps: int
+                         ) -> ml_collections.ConfigDict:
+  """SFT settings for a short single-process CPU run (the tiny reasoner's build, the demo's fine-tunes): one
+  device, float32 compute (CPUs have no fast bf16 matmul, and it keeps runs deterministic), no periodic
+  checkpoints or TensorBoard, an HF export at the end."""
   from retro_jax.train.config import sft_config  # deferred: the trainer pulls in orbax and grain
 
   c = sft_config()
+  c.compute_dtype = "float32"
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  c.seed = seed
+  c.workdir = workdir
+  c.checkpoint_every_steps = 0  # a SIGTERM still saves; a finished stage is skipped by its export
+  c.async_checkpointing = False
+  c.log_every_steps = log_every_steps
+  c.eval_at_start = False
+  c.export_dir = export_dir
+  c.tensorboard = False
+  return c
+
+
+def tiny_reasoner_sft_config(*, tokenizer_dir: str, train_path: str, workdir: str, export_dir: str,
+                             num_train_steps: int, seed: int) -> ml_collections.ConfigDict:
+  """The from-scratch SFT recipe (1.65M params, 800 steps of 32 rows x 256 tokens)."""
+  c = local_cpu_sft_config(workdir=workdir, export_dir=export_dir, seed=seed, log_every_steps=50)
   c.init = "scratch"
   c.tokenizer_dir = tokenizer_dir
   c.model.update(hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=32,
                  tie_word_embeddings=True, max_position_embeddings=512)  # 1.65M params
-  c.compute_dtype = "float32"  # CPUs have no fast bf16 matmul; float32 keeps the build deterministic too
   c.data.train_path = train_path
   c.data.trace_field = "trace"
   c.data.seq_len = 256  # a trace is ~110 tokens: two per row; dense attention makes 512 2x slower per token
   c.data.eval_fraction = 0.02
-  c.mesh.update(data=1, fsdp=1, tensor=1)
   c.batch_size = 32
   c.num_train_steps = num_train_steps
   c.optim.update(learning_rate=3e-3, warmup_steps=50, decay="cosine", min_lr_ratio=0.05, weight_decay=0.01,
                  b2=0.98)
-  c.seed = seed
-  c.workdir = workdir
-  c.checkpoint_every_steps = 0
-  c.async_checkpointing = False
-  c.log_every_steps = 50
-  c.eval_at_start = False
-  c.export_dir = export_dir
   c.export_dtype = "float32"
-  c.tensorboard = False
   return c
 
 
