@@ -2,7 +2,6 @@
 import json
 import os
 
-import pytest
 
 from retro_jax import demo
 from retro_jax.search import traces as segmentation
