@@ -2,13 +2,10 @@
 import json
 import os
 
-
 from retro_jax import demo
 from retro_jax.search import traces as segmentation
 from retro_jax.tasks import arithmetic
-
-BUNDLED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json")
+from retro_jax.tasks.build import BUNDLED_FILES
 
 
 def test_bundled_model_is_complete_and_small():
