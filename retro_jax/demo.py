@@ -9,7 +9,9 @@ The five stages are the real code paths a TPU pod runs, in miniature:
 5. report:   the comparison table (accuracy, mean tokens, thought switches), markdown and PNG plots.
 
 Every stage writes its files under `--output` and is skipped when its result is already there, so a killed
-demo resumes where it stopped (generate, search and eval also resume inside a stage).
+demo resumes where it stopped (generate, search and eval also resume inside a stage). The settings are kept in
+`demo_config.json` there, and a run with other settings (another seed, `--quick`) refuses that folder rather than
+report the earlier run's stages as its own.
 """
 from __future__ import annotations
 
@@ -213,6 +215,28 @@ def write_report(config: DemoConfig, effect: dict, summaries: dict[str, dict], w
   return result
 
 
+class SettingsMismatch(ValueError):
+  """The output folder holds stages of a demo run with other settings."""
+
+
+def claim_output(config: DemoConfig) -> None:
+  """Records the run's settings in `<output>/demo_config.json`, or checks them against the ones found there."""
+  settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "output"}
+  path = os.path.join(config.output, "demo_config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if changed:
+      described = ", ".join(f"{k}: {before!r} there, {now!r} now" for k, (before, now) in changed.items())
+      raise SettingsMismatch(f"{config.output!r} holds a demo run with other settings ({described}); pass another "
+                             "--output, or delete that folder to start over")
+    return
+  os.makedirs(config.output, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(settings, f, indent=2)
+
+
 def run_demo(config: DemoConfig) -> dict:
   from retro_jax.grading import Grader
   from retro_jax.tokenization import load_tokenizer
@@ -220,7 +244,7 @@ def run_demo(config: DemoConfig) -> dict:
   if not os.path.exists(os.path.join(config.model_dir, "model.safetensors")):
     raise FileNotFoundError(f"no tiny reasoner at {config.model_dir!r}: run `retro-jax build-tiny-reasoner`")
   start = time.time()
-  os.makedirs(config.output, exist_ok=True)
+  claim_output(config)
   paths = write_problems(config)
   tokenizer = load_tokenizer(config.model_dir)
   with Grader() as grader:
@@ -257,7 +281,7 @@ def main(argv: list[str]) -> int:
   make = DemoConfig.quick if args.quick else DemoConfig
   try:
     result = run_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
-  except FileNotFoundError as e:
+  except (FileNotFoundError, SettingsMismatch) as e:
     print(f"retro-jax demo: {e}", file=sys.stderr)
     return 2
   missed = [name for name, ok in result["checks"].items() if not ok]

@@ -36,7 +36,7 @@ def test_bundled_model_writes_well_formed_correct_traces():
   assert correct >= len(problems) // 2  # greedy accuracy of the shipped model is far above this floor
 
 
-def test_quick_demo_runs_every_stage(tmp_path):
+def test_quick_demo_runs_every_stage(tmp_path, capsys):
   out = str(tmp_path / "demo")
   assert demo.main(["--quick", "--output", out]) == 0
   for path in ("task/train.jsonl", "generate/traces.jsonl", "search/revised.jsonl", "sft/revised/export/config.json",
@@ -52,4 +52,9 @@ def test_quick_demo_runs_every_stage(tmp_path):
   # A second run finds every stage done and redoes nothing.
   before = {p: os.path.getmtime(os.path.join(out, p)) for p in ("search/revised.jsonl", "eval/base/summary.json")}
   assert demo.main(["--quick", "--output", out]) == 0
+  assert before == {p: os.path.getmtime(os.path.join(out, p)) for p in before}
+  # A run with other settings refuses the folder instead of reporting these stages as its own.
+  capsys.readouterr()
+  assert demo.main(["--quick", "--seed", "1", "--output", out]) == 2
+  assert "seed: 0 there, 1 now" in capsys.readouterr().err
   assert before == {p: os.path.getmtime(os.path.join(out, p)) for p in before}
