@@ -21,7 +21,7 @@ prompt ends with `<think>\\n`), `revised_trace` field; the Qwen2.5 ChatML templa
 
     retro-jax sft --config configs/qwen25_32b_weak_to_strong.py --config.workdir=/mnt/disks/runs/q32b_w2s
 """
-from retro_jax.train.config import sft_config
+from retro_jax.train.config import pod_long_trace_sft_config
 
 # Hub id Qwen/Qwen2.5-32B-Instruct, downloaded beforehand (training never reads the hub).
 MODEL_DIR = "/mnt/disks/models/Qwen2.5-32B-Instruct"
@@ -29,27 +29,11 @@ TRAIN_PATH = "/mnt/disks/data/openthoughts114k_revised_by_r1_distill_32b/search_
 
 
 def get_config():
-  c = sft_config()
-  c.model_dir = MODEL_DIR
-  c.param_dtype, c.compute_dtype = "float32", "bfloat16"
-  c.data.train_path = TRAIN_PATH
-  c.data.trace_field = "revised_trace"
+  c = pod_long_trace_sft_config(MODEL_DIR, TRAIN_PATH)
   c.data.eval_fraction = 0.005
-  c.data.seq_len = 16384
-  c.data.truncation = "drop"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 32, 4
   c.batch_size = 128
   c.grad_accum_steps = 4
-  c.num_epochs = 3.0
-  c.remat = "full"
-  c.loss_chunk_size = 2048
-  c.optim.learning_rate = 1e-5
   c.optim.warmup_ratio = 0.1
-  c.optim.decay = "cosine"
-  c.optim.weight_decay = 0.0
-  c.optim.max_grad_norm = 1.0
-  c.log_every_steps = 1
-  c.eval_every_steps = 50
   c.checkpoint_every_steps = 25
-  c.export_dtype = "bfloat16"
   return c

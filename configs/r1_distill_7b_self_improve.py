@@ -19,7 +19,7 @@ longer than 16384 tokens are dropped (counted and reported).
 
     retro-jax sft --config configs/r1_distill_7b_self_improve.py --config.workdir=/mnt/disks/runs/r1_7b_si
 """
-from retro_jax.train.config import sft_config
+from retro_jax.train.config import pod_long_trace_sft_config
 
 # Hub id deepseek-ai/DeepSeek-R1-Distill-Qwen-7B, downloaded beforehand (training never reads the hub).
 MODEL_DIR = "/mnt/disks/models/DeepSeek-R1-Distill-Qwen-7B"
@@ -27,28 +27,12 @@ TRAIN_PATH = "/mnt/disks/data/r1_distill_7b/search_output.jsonl"
 
 
 def get_config():
-  c = sft_config()
-  c.model_dir = MODEL_DIR
-  c.param_dtype, c.compute_dtype = "float32", "bfloat16"
-  c.data.train_path = TRAIN_PATH
-  c.data.trace_field = "revised_trace"
+  c = pod_long_trace_sft_config(MODEL_DIR, TRAIN_PATH)
   c.data.eval_fraction = 0.01
-  c.data.seq_len = 16384
-  c.data.truncation = "drop"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 4
   c.batch_size = 64
   c.grad_accum_steps = 16
-  c.num_epochs = 3.0
-  c.remat = "full"
-  c.loss_chunk_size = 2048
-  c.optim.learning_rate = 1e-5
   c.optim.warmup_ratio = 0.03
-  c.optim.decay = "cosine"
   c.optim.min_lr_ratio = 0.0
-  c.optim.weight_decay = 0.0
-  c.optim.max_grad_norm = 1.0
-  c.log_every_steps = 1
-  c.eval_every_steps = 50
   c.checkpoint_every_steps = 50
-  c.export_dtype = "bfloat16"
   return c

@@ -75,6 +75,31 @@ def sft_config() -> ml_collections.ConfigDict:
   return c
 
 
+def pod_long_trace_sft_config(model_dir: str, train_path: str) -> ml_collections.ConfigDict:
+  """A full fine-tune of an R1-scale model on Retro-Search output on a TPU pod: what the paper-setting configs in
+  configs/ share. Rows of 16k bf16 positions with full remat (R1 traces run to ~16k tokens), over-long traces
+  dropped, the `revised_trace` field, lr 1e-5 cosine over 3 epochs, a log line every step and a bf16 export.
+  Each experiment file adds its mesh, batch, warmup, eval split and checkpoint cadence."""
+  c = sft_config()
+  c.model_dir = model_dir
+  c.param_dtype, c.compute_dtype = "float32", "bfloat16"
+  c.data.train_path = train_path
+  c.data.trace_field = "revised_trace"
+  c.data.seq_len = 16384
+  c.data.truncation = "drop"
+  c.num_epochs = 3.0
+  c.remat = "full"
+  c.loss_chunk_size = 2048
+  c.optim.learning_rate = 1e-5
+  c.optim.decay = "cosine"
+  c.optim.weight_decay = 0.0
+  c.optim.max_grad_norm = 1.0
+  c.log_every_steps = 1
+  c.eval_every_steps = 50
+  c.export_dtype = "bfloat16"
+  return c
+
+
 def dpo_config() -> ml_collections.ConfigDict:
   c = sft_config()
   del c.data.trace_field
