@@ -84,6 +84,7 @@ def test_sigterm_stop_and_resume_reproduces_the_uninterrupted_run(workspace):
   assert sorted(os.listdir(os.path.join(config.workdir, "checkpoints"))) == ["2", "3"]
   resumed = run_sft(config)
   assert not resumed["preempted"] and resumed["step"] == 6
+  assert resumed["resumed_from"] == 3 and uninterrupted["resumed_from"] is None
   assert resumed["train"]["loss"] == uninterrupted["train"]["loss"]
   ours, theirs = (load_file(os.path.join(s["export_dir"], "model.safetensors")) for s in (resumed, uninterrupted))
   assert ours.keys() == theirs.keys()

@@ -95,8 +95,7 @@ def build_tiny_reasoner(output_dir: str = DEFAULT_OUTPUT, *, num_train_problems:
                      f"{num_train_steps} steps")
   start = time.time()
   work = workdir or default_workdir(num_train_problems, num_train_steps, seed)
-  resuming = os.path.isdir(os.path.join(work, "run", "checkpoints"))
-  _log(f"{'resuming the build in' if resuming else 'working in'} {work}")
+  _log(f"working in {work} (the trainer resumes from a checkpoint it finds there)")
   tokenizer_dir = os.path.join(work, "tokenizer")
   task_tokenizer.build_tokenizer(tokenizer_dir, seed=seed)
   with open(os.path.join(tokenizer_dir, "generation_config.json"), "w", encoding="utf-8") as f:
@@ -123,7 +122,7 @@ def build_tiny_reasoner(output_dir: str = DEFAULT_OUTPUT, *, num_train_problems:
       source = os.path.join(tokenizer_dir, name)
     shutil.copyfile(source, os.path.join(output_dir, name))
   _remove_work(work)
-  summary = _build_summary(summary, num_train_problems=num_train_problems, seed=seed, resumed=resuming,
+  summary = _build_summary(summary, num_train_problems=num_train_problems, seed=seed,
                            build_seconds=time.time() - start)
   with open(os.path.join(output_dir, "build_summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
@@ -142,7 +141,7 @@ def _remove_work(work: str) -> None:
     os.rmdir(work)
 
 
-def _build_summary(run: dict, *, num_train_problems: int, seed: int, resumed: bool, build_seconds: float) -> dict:
+def _build_summary(run: dict, *, num_train_problems: int, seed: int, build_seconds: float) -> dict:
   """What `build_summary.json` records: the recipe, the result and the machine it was built on."""
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -151,7 +150,7 @@ def _build_summary(run: dict, *, num_train_problems: int, seed: int, resumed: bo
       "num_train_problems": num_train_problems, "total_steps": run["total_steps"], "seed": seed,
       "final_train_loss": train.get("loss"), "eval_loss": evaluation.get("loss"),
       "step_seconds": train.get("step_seconds"), "tokens_per_second": train.get("tokens_per_second"),
-      "build_seconds": round(build_seconds, 1), "resumed": resumed,
+      "build_seconds": round(build_seconds, 1), "resumed": run["resumed_from"] is not None,
       "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                   "jax": jax.__version__, "backend": jax.default_backend()},
   }

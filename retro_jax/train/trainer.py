@@ -227,7 +227,8 @@ def fit(s: Setup, task: Task, on_step: Callable[[int, dict | None], None] | None
 
   `on_step(step, logged)` is called after every step; `logged` is the metrics dict on logging steps, else None.
   Returns the run summary: final and initial eval metrics, the last logged train metrics, throughput, MFU,
-  the export directory, data statistics, the metric history, and `preempted` when SIGTERM stopped the run.
+  the export directory, data statistics, the metric history, the checkpoint step it resumed from (None for a
+  fresh run), and `preempted` when SIGTERM stopped the run.
   """
   config = s.config
   steps = total_steps(config, task.num_rows)
@@ -287,7 +288,8 @@ def _train(s: Setup, task: Task, ckpt: TrainCheckpointer, meta: dict, schedule, 
                              input_pipeline.batch_shardings(row_batch, s.mesh, batch_axis=0), s.mesh)
   flops_per_token = metrics_lib.training_flops_per_token(s.model_config, config.data.seq_len)
   peak = config.peak_flops_per_device or metrics_lib.peak_flops_per_device()
-  summary: dict[str, Any] = {"data": task.data_stats, "total_steps": steps, "history": [], "preempted": False}
+  summary: dict[str, Any] = {"data": task.data_stats, "total_steps": steps, "history": [], "preempted": False,
+                             "resumed_from": resume_step}
   start = int(jax.device_get(state["step"]))
   if config.eval_at_start and resume_step is None:
     summary["initial_eval"] = evaluate(eval_step, state["params"], task, s)
