@@ -51,33 +51,17 @@ def _log(message: str) -> None:
   print(f"[demo] {message}", flush=True)
 
 
-def _write_jsonl(path: str, records) -> int:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  count = 0
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-      count += 1
-  os.replace(path + ".tmp", path)
-  return count
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def write_problems(config: DemoConfig) -> dict[str, str]:
   """Train and held-out problems from the demo seed (questions disjoint between the two)."""
-  from retro_jax.tasks.arithmetic import make_splits
+  from retro_jax.tasks.arithmetic import make_splits, write_problems as write_problem_file
 
   paths = {"train": os.path.join(config.output, "task", "train.jsonl"),
            "eval": os.path.join(config.output, "task", "eval.jsonl")}
   if not all(os.path.exists(p) for p in paths.values()):
     # Offset from the build seed (0) so the demo's problems are not the tiny reasoner's own training draws.
     train, held_out = make_splits(1000 + config.seed, config.num_train_problems, config.num_eval_problems)
-    _write_jsonl(paths["train"], (p.to_record() for p in train))
-    _write_jsonl(paths["eval"], (p.to_record() for p in held_out))
+    write_problem_file(paths["train"], train)
+    write_problem_file(paths["eval"], held_out)
   return paths
 
 
@@ -114,14 +98,23 @@ def retro_search(config: DemoConfig, traces_path: str, generator, tokenizer, gra
   return out
 
 
-def sft_datasets(config: DemoConfig, search_path: str) -> tuple[dict[str, str], int]:
-  """The correct originals (revised or unchanged), once with their revised trace and once as written."""
-  records = [r for r in _read_jsonl(search_path) if r["status"] in ("revised", "unchanged")]
+def correct_originals(search_path: str) -> list[dict]:
+  """The Retro-Search records of correct original traces (revised or left unchanged): what both SFT arms train on
+  and what the search's effect is measured over."""
+  from retro_jax.search.runner import read_jsonl
+
+  return [r for r in read_jsonl(search_path) if r["status"] in ("revised", "unchanged")]
+
+
+def sft_datasets(config: DemoConfig, records: list[dict]) -> dict[str, str]:
+  """The correct originals, once with their revised trace and once as written."""
+  from retro_jax.tasks.arithmetic import write_jsonl
+
   paths = {}
   for name, field in (("revised", "revised_trace"), ("control", "trace")):
     paths[name] = os.path.join(config.output, "sft", f"{name}.jsonl")
-    _write_jsonl(paths[name], ({"id": r["id"], "question": r["question"], "trace": r[field]} for r in records))
-  return paths, len(records)
+    write_jsonl(paths[name], ({"id": r["id"], "question": r["question"], "trace": r[field]} for r in records))
+  return paths
 
 
 def fine_tune(config: DemoConfig, name: str, data_path: str, num_examples: int) -> str:
@@ -157,9 +150,8 @@ def evaluate_model(config: DemoConfig, name: str, model_dir: str, problems: list
                   eval_config, grade_many=grader.grade_many)
 
 
-def search_effect(search_path: str) -> dict:
-  """Length and correctness of the revised traces against their originals (correct originals only)."""
-  records = [r for r in _read_jsonl(search_path) if r["status"] in ("revised", "unchanged")]
+def search_effect(records: list[dict]) -> dict:
+  """Length and correctness of the revised traces against their originals (`correct_originals`)."""
   if not records:
     return {"traces": 0}
   before = statistics.fmean(r["tokens_before"] for r in records)
@@ -239,6 +231,7 @@ def claim_output(config: DemoConfig) -> None:
 
 def run_demo(config: DemoConfig) -> dict:
   from retro_jax.grading import Grader
+  from retro_jax.search.runner import read_jsonl
   from retro_jax.tokenization import load_tokenizer
 
   if not os.path.exists(os.path.join(config.model_dir, "model.safetensors")):
@@ -254,15 +247,16 @@ def run_demo(config: DemoConfig) -> dict:
     _log("2/5 Retro-Search (self-improvement: the tiny reasoner revises its own traces)")
     revised = retro_search(config, traces, base_generator, tokenizer, grader)
     del base_generator
-    effect = search_effect(revised)
+    originals = correct_originals(revised)
+    effect = search_effect(originals)
     if not effect["traces"]:
       raise RuntimeError("the base model wrote no correct trace: nothing to revise (is the model the tiny reasoner?)")
-    data, num_examples = sft_datasets(config, revised)
+    data = sft_datasets(config, originals)
     models = {"base": config.model_dir}
     for step, name in ((3, "revised"), (3, "control")):
       _log(f"{step}/5 SFT on the {'revised' if name == 'revised' else 'unrevised (control)'} traces")
-      models[name] = fine_tune(config, name, data[name], num_examples)
-    problems = _read_jsonl(paths["eval"])
+      models[name] = fine_tune(config, name, data[name], len(originals))
+    problems = list(read_jsonl(paths["eval"]))
     summaries = {}
     for name in NAMES:
       _log(f"4/5 evaluating {name} on {len(problems)} held-out problems")

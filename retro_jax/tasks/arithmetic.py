@@ -149,12 +149,19 @@ def make_splits(seed: int, n_train: int, n_eval: int,
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
-  """Writes one JSON object per line; returns the number of lines."""
+  """Writes one JSON object per line; returns the number of lines.
+
+  The file appears whole or not at all (written beside it, then renamed), so a killed job never leaves a
+  truncated file that a resumed one would take as finished.
+  """
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   count = 0
-  with open(path, "w", encoding="utf-8") as f:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
     for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
       count += 1
+  os.replace(path + ".tmp", path)
   return count
 
 
