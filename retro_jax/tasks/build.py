@@ -81,7 +81,8 @@ def build_tiny_reasoner(output_dir: str = DEFAULT_OUTPUT, *, num_train_problems:
                         num_train_steps: int = 800, seed: int = 0, workdir: str | None = None,
                         checkpoint_every_steps: int = 100, trace_config: TraceConfig = TraceConfig(),
                         on_step: Callable[[int, dict | None], None] | None = None) -> dict:
-  """Writes the five bundled files to `output_dir`; returns the training summary plus the build's wall time.
+  """Writes the five bundled files and `build_summary.json` to `output_dir`; returns that summary plus `output_dir`
+  (or, for a stopped build, the trainer's summary with `preempted=True`).
 
   The run lives in `workdir` (default: a per-recipe folder under ~/.cache/retro_jax) and checkpoints every
   `checkpoint_every_steps` and on SIGTERM, so a killed build loses at most that many steps: the same command
