@@ -68,7 +68,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[A
   return Mesh(grid, MESH_AXES)
 
 
-def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
+def axis_size(mesh: Mesh, axes: MeshAxes) -> int:
+  """Devices along `axes` (a mesh axis name, a tuple of them, or None = 1)."""
   if axes is None:
     return 1
   names = (axes,) if isinstance(axes, str) else axes
@@ -78,7 +79,7 @@ def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
 def check_divisible(name: str, shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                     rules: ShardingRules) -> None:
   for dim, axis in zip(shape, logical_axes):
-    parts = _axis_size(mesh, rules.rules.get(axis) if axis else None)
+    parts = axis_size(mesh, rules.rules.get(axis) if axis else None)
     if dim % parts:
       raise ShardingError(
           f"{name}: dimension {axis!r} of size {dim} cannot be split {parts} ways over mesh axes "
@@ -112,6 +113,11 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars
     "retro_jax_sharding", default=None)
 
 
+def active() -> tuple[Mesh, ShardingRules] | None:
+  """The (mesh, rules) of the enclosing `use_rules`, or None (kernels that must `shard_map` themselves ask)."""
+  return _ACTIVE.get()
+
+
 @contextlib.contextmanager
 def use_rules(mesh: Mesh, rules: ShardingRules):
   """Activates activation-sharding constraints while tracing (the trainer and the engine wrap their jits)."""
@@ -129,6 +135,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = active
   spec = rules.spec(logical_axes)
-  if any(dim % _axis_size(mesh, axes) for dim, axes in zip(x.shape, spec)):
+  if any(dim % axis_size(mesh, axes) for dim, axes in zip(x.shape, spec)):
     return x  # e.g. a batch of 1 on a data axis of 4: let XLA choose rather than fail
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -36,7 +36,7 @@ def test_mesh_load_equals_single_device(tmp_path, shape):
   mesh = sharding.make_mesh(**shape)
   for rules in (sharding.SERVE_RULES, sharding.TRAIN_RULES):
     model = load_pretrained(str(tmp_path), mesh=mesh, rules=rules)
-    kernel = model.layers[0].attention.k_kernel[...]
+    kernel = model.layers.attention.k_kernel[...]  # [layers, d, k, h], layers stacked
     assert len(kernel.sharding.device_set) == mesh.size
     with sharding.use_rules(mesh, rules):
       sharded = jax.jit(lambda tokens: model(tokens, POSITIONS)[0])(jnp.asarray(TOKENS))

@@ -37,7 +37,8 @@ def sharp_model(config: Qwen2Config = CONFIG, seed: int = 0) -> Qwen2ForCausalLM
   """Random weights scaled up so greedy choices have clear margins (no float-rounding ties); built in one jit."""
   def init():
     state = nnx.state(Qwen2ForCausalLM(config, nnx.Rngs(seed)))
-    return jax.tree.map(lambda x: x * 6 if x.ndim >= 2 else x, state)
+    return jax.tree.map(lambda v: v if "norm" in v.get_metadata()["axes"] else v.replace(v.get_value() * 6), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))  # every weight but the norm scales
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, nnx.Rngs(seed))))
   return nnx.merge(graphdef, jax.jit(init)())
@@ -180,8 +181,8 @@ def test_batched_prefill_equals_one_by_one(engine):
                                         request=request)
     kv, kv_alone = engine.prefix_kv(prefix, len(prompts[row])), engine.prefix_kv(alone, len(prompts[row]))
     real = slice(0, len(prompts[row]))
-    np.testing.assert_allclose(kv.keys[1][:, real], kv_alone.keys[1][:, real], atol=1e-5)
-    np.testing.assert_allclose(kv.values[0][:, real], kv_alone.values[0][:, real], atol=1e-5)
+    np.testing.assert_allclose(kv.keys[1][:, real], kv_alone.keys[1][:, real], atol=1e-5)  # layer 1
+    np.testing.assert_allclose(kv.values[0][:, real], kv_alone.values[0][:, real], atol=1e-5)  # layer 0
     first, alone_first = first.convert_to_numpy(), alone_first.convert_to_numpy()
     np.testing.assert_array_equal(first.get_result_at_slot(0).tokens, alone_first.get_result_at_slot(0).tokens)
     np.testing.assert_allclose(first.get_result_at_slot(0).logprobs, alone_first.get_result_at_slot(0).logprobs,
@@ -189,7 +190,11 @@ def test_batched_prefill_equals_one_by_one(engine):
 
 
 def _slot_rows(state, rows):
-  return jax.tree.map(lambda x: np.asarray(x)[rows], state)
+  """State rows `rows`: axis 0 of every field but the stacked KV, whose slots are axis 1."""
+  cache = state.cache
+  slots_first = state.replace(cache=cache.replace(keys=jnp.swapaxes(cache.keys, 0, 1),
+                                                  values=jnp.swapaxes(cache.values, 0, 1)))
+  return jax.tree.map(lambda x: np.asarray(x)[rows], slots_first)
 
 
 def test_slot_isolation(engine):
@@ -232,5 +237,5 @@ def test_sharded_greedy_equals_single_device(model, engine, data, tensor):
                                       mesh=sharding.make_mesh(data=data, tensor=tensor), eos_token_ids=(),
                                       **ENGINE_KW)
   assert tokens(sharded) == tokens(Driver(engine, StubTokenizer(), progress=False))
-  keys = sharded.engine.init_decode_state().cache.keys[0]  # slots over data, KV heads over tensor
-  assert keys.sharding.shard_shape(keys.shape) == (8 // data, 64, 2 // tensor, 16)
+  keys = sharded.engine.init_decode_state().cache.keys  # [layers, slots, ...]: slots over data, KV heads over tensor
+  assert keys.sharding.shard_shape(keys.shape)[1:] == (8 // data, 64, 2 // tensor, 16)

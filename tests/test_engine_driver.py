@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from retro_jax.engine import Driver, GenerationRequest, Qwen2Engine, RequestQueue, SamplingParams
 from retro_jax.engine import sampling as sampling_lib
 from retro_jax.models.config import Qwen2Config
-from retro_jax.models.qwen2 import Qwen2ForCausalLM
+from tests.test_engine import sharp_model
 
 VOCAB = 96
 ENGINE_KW = dict(max_seq_len=64, decode_steps=4, min_prefill_bucket=8, min_attend_bucket=16, max_prefill_batch=4)
@@ -39,11 +38,7 @@ def prompts(lengths, seed=0):
 
 @pytest.fixture(scope="module")
 def model():
-  def init():
-    state = nnx.state(Qwen2ForCausalLM(CONFIG, nnx.Rngs(1)))
-    return jax.tree.map(lambda x: x * 6 if x.ndim >= 2 else x, state)  # clear greedy margins
-
-  return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Qwen2ForCausalLM(CONFIG, nnx.Rngs(1)))), jax.jit(init)())
+  return sharp_model(CONFIG, seed=1)  # clear greedy margins
 
 
 @pytest.fixture(scope="module")

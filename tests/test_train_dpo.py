@@ -39,9 +39,10 @@ def _config(workspace, name: str, steps: int):
 def test_dpo_learns_the_preference_and_resumes_exactly(workspace):
   straight = run_dpo(_config(workspace, "straight", steps=8))
   assert straight["data"]["bad_lines"] == 1 and straight["data"]["train_rows"] == 16
-  # Step 1's metrics come from the initial policy, which *is* the reference: zero margin, loss log 2.
+  # Step 1's metrics come from the initial policy, which *is* the reference: zero margin, loss log 2 (up to the
+  # float32 rounding of two differently compiled programs, the scored forward and the one under grad).
   first, last = straight["history"][0], straight["history"][-1]
-  assert first["reward_margin"] == 0.0 and first["dpo_loss"] == pytest.approx(np.log(2), rel=1e-6)
+  assert abs(first["reward_margin"]) < 1e-5 and first["dpo_loss"] == pytest.approx(np.log(2), rel=1e-6)
   assert last["reward_accuracy"] == 1.0 and last["reward_margin"] > 0.5 and last["dpo_loss"] < 0.5
   assert last["sft_loss"] < first["sft_loss"]
 

@@ -2,8 +2,10 @@
 
 Loading builds the model abstractly (`nnx.eval_shape`, no weights allocated), then fills each parameter from
 its memory-mapped tensor straight onto its target sharding with `jax.make_array_from_callback`: every device
-copies only its own slice, so host memory peaks at about one shard of one tensor, and multi-host loads read only
-what each host needs.
+copies only its own slice, so host memory peaks at about one shard of one stacked parameter (its slice of every
+layer), and multi-host loads read only what each host needs. The model's layers are scanned, so each layer
+parameter is one [num_layers, ...] array here and `model.layers.{i}.*` tensors in HF files; the mapping stacks
+and unstacks them, and HF files look exactly as before from the outside.
 """
 from __future__ import annotations
 
@@ -65,15 +67,23 @@ _IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def hf_key(path: str) -> tuple[str, str]:
-  """Our dotted param path (e.g. 'layers.3.attention.q_kernel') -> (HF key, converter name)."""
+  """Our dotted param path -> (HF key, converter name). Stacked layer params (e.g. 'layers.attention.q_kernel',
+  [num_layers, ...]) give a template with `{i}` for the layer index."""
   if path in _GLOBAL_TABLE:
     return _GLOBAL_TABLE[path]
-  match = re.fullmatch(r"layers\.(\d+)\.(.+)", path)
-  if match:
+  if path.startswith("layers."):
     for ours, theirs, kind in _LAYER_TABLE:
-      if match.group(2) == ours:
-        return f"model.layers.{match.group(1)}.{theirs}", kind
+      if path[len("layers."):] == ours:
+        return f"model.layers.{{i}}.{theirs}", kind
   raise KeyError(f"no HF name for parameter {path!r}")
+
+
+def _hf_keys(path: str, shape: tuple[int, ...]) -> tuple[list[str], str, tuple[int, ...]]:
+  """(HF keys, converter, our per-tensor shape): one key per layer for a stacked param, else one."""
+  key, kind = hf_key(path)
+  if "{i}" in key:
+    return [key.format(i=i) for i in range(shape[0])], kind, tuple(shape[1:])
+  return [key], kind, tuple(shape)
 
 
 def _dotted(path) -> str:
@@ -100,19 +110,25 @@ def load_pretrained(model_dir: str, *, mesh: Mesh | None = None,
   tensors = SafetensorsDir(model_dir)
   used = set()
   for path, variable in _param_items(abstract_state):
-    key, kind = hf_key(path)
-    if key not in tensors.keys():
-      raise CheckpointError(f"missing tensor {key!r} (for parameter {path}) in {model_dir!r}")
-    expected_hf_shape = _TO_HF[kind](np.broadcast_to(np.uint8(0), variable.shape)).shape  # no allocation
-    if tensors.shape(key) != expected_hf_shape:
-      raise CheckpointError(
-          f"tensor {key!r} has shape {tensors.shape(key)}, expected {expected_hf_shape} from config.json")
-    ours = _TO_OURS[kind](tensors.get(key), variable.shape)  # still a lazy view of the memory map
+    keys, kind, shape = _hf_keys(path, variable.shape)
+    expected_hf_shape = _TO_HF[kind](np.broadcast_to(np.uint8(0), shape)).shape  # no allocation
+    for key in keys:
+      if key not in tensors.keys():
+        raise CheckpointError(f"missing tensor {key!r} (for parameter {path}) in {model_dir!r}")
+      if tensors.shape(key) != expected_hf_shape:
+        raise CheckpointError(
+            f"tensor {key!r} has shape {tensors.shape(key)}, expected {expected_hf_shape} from config.json")
+    ours = [_TO_OURS[kind](tensors.get(key), shape) for key in keys]  # still lazy views of the memory map
     target = shardings.get(path) or SingleDeviceSharding(jax.devices()[0])
-    dtype_ = variable.dtype
-    variable.set_value(jax.make_array_from_callback(
-        variable.shape, target, lambda index, a=ours, dt=dtype_: np.asarray(a[index], dtype=dt)))
-    used.add(key)
+    stacked = len(shape) < len(variable.shape)
+
+    def read(index, ours=ours, dt=variable.dtype, stacked=stacked):
+      if not stacked:
+        return np.asarray(ours[0][index], dtype=dt)
+      return np.stack([np.asarray(ours[i][index[1:]], dtype=dt) for i in range(len(ours))[index[0]]])
+
+    variable.set_value(jax.make_array_from_callback(variable.shape, target, read))
+    used.update(keys)
   unexpected = sorted(k for k in tensors.keys() - used
                       if not _IGNORABLE.match(k) and not (config.tie_word_embeddings and k == "lm_head.weight"))
   if unexpected:
@@ -123,9 +139,12 @@ def load_pretrained(model_dir: str, *, mesh: Mesh | None = None,
 
 def _hf_tensors(model: Qwen2ForCausalLM, dtype) -> Iterator[tuple[str, np.ndarray]]:
   for path, variable in _param_items(nnx.state(model, nnx.Param)):
-    key, kind = hf_key(path)
-    host = np.asarray(jax.device_get(variable.get_value()))  # gathers one parameter at a time
-    yield key, np.ascontiguousarray(_TO_HF[kind](host)).astype(dtype or host.dtype)
+    keys, kind, shape = _hf_keys(path, variable.shape)
+    value = variable.get_value()
+    for i, key in enumerate(keys):
+      # gathers one tensor (one layer of a stacked param) at a time
+      host = np.asarray(jax.device_get(value if len(shape) == value.ndim else value[i]))
+      yield key, np.ascontiguousarray(_TO_HF[kind](host)).astype(dtype or host.dtype)
 
 
 def save_pretrained(model: Qwen2ForCausalLM, out_dir: str, *, dtype: str | None = None,

@@ -38,7 +38,7 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
 @dataclasses.dataclass
 class _Entry:
   tokens: np.ndarray  # [length] int32
-  cache: KVCache  # num_layers x [1, bucket >= length, kv_heads, head_dim]
+  cache: KVCache  # [num_layers, 1, bucket >= length, kv_heads, head_dim]
   nbytes: int
 
 

@@ -14,7 +14,17 @@ from typing import Any
 
 import jax.numpy as jnp
 
+import jax
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "splash", "cudnn", "xla")  # see attention.py
+# Rematerialisation of each scanned layer: "full" keeps only the layer's input for the backward pass, "dots"
+# also its matmul outputs (more memory, less recompute).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -76,7 +86,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-  """Architecture hyper-parameters plus the two dtypes we choose (storage and compute)."""
+  """Architecture hyper-parameters plus what we choose: storage and compute dtypes, the full-sequence attention
+  implementation and the remat policy (neither is written to config.json)."""
 
   vocab_size: int
   hidden_size: int
@@ -94,11 +105,17 @@ class Qwen2Config:
   eos_token_ids: tuple[int, ...] = ()
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay float32
+  attention: str = "auto"  # full-sequence attention: "auto" picks by platform (attention.py)
+  remat: str = "none"  # default remat policy of the scanned layers (REMAT_POLICIES)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")

@@ -10,49 +10,19 @@ short micro-batch weighs exactly what it weighs in a long one.
 """
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from retro_jax import sharding
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class _RematLayer(nnx.Module):
-  """A decoder layer whose activations are recomputed in the backward pass (full sequences, no KV cache)."""
-
-  def __init__(self, layer: nnx.Module, policy):
-    self.layer = layer
-    self.policy = policy
-
-  def __call__(self, x, positions, mask, cache):
-    del cache  # training never has one
-    run = nnx.remat(lambda layer, x: layer(x, positions, mask, None)[0], policy=self.policy)
-    return run(self.layer, x), None
-
 
 def hidden_states(model: Qwen2ForCausalLM, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                   remat: str = "none") -> jax.Array:
-  """Final-norm hidden states [b, t, d] of `model.hidden_states`, optionally rematerialising each layer.
-
-  With remat "full" only each layer's input is kept for the backward pass, with "dots" also its matmul
-  outputs: the memory/compute trade every long-sequence 7B+ run needs. The model's own forward runs on a
-  shallow copy whose layers are wrapped, so the model code (and its sharding constraints) stays the one path.
-  """
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
-  if remat != "none":
-    model = copy.copy(model)
-    model.layers = nnx.List([_RematLayer(layer, REMAT_POLICIES[remat]) for layer in model.layers])
-  return model.hidden_states(inputs, positions, segment_ids)[0]
+  """Final-norm hidden states [b, t, d] of the model's forward with the remat policy `remat` applied to each of
+  its scanned layers ("full" keeps only each layer's input for the backward pass, "dots" also its matmul
+  outputs): the memory/compute trade every long-sequence 7B+ run needs."""
+  return model.hidden_states(inputs, positions, segment_ids, remat=remat)[0]
 
 
 def token_logprobs(model: Qwen2ForCausalLM, hidden: jax.Array, targets: jax.Array,
