@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from retro_jax import sharding as sharding_lib
 from retro_jax.checkpoint.hf import load_pretrained, shard_model
+from retro_jax.engine import kv_budget
 from retro_jax.engine import sampling as sampling_lib
 from retro_jax.engine.api import Engine, ResultTokens
 from retro_jax.engine.requests import GenerationRequest
@@ -43,7 +44,7 @@ SamplingConfig = sampling_lib.SamplingConfig
 class DecodeState:
   """Everything the decode loop carries, one row per slot."""
 
-  cache: KVCache  # keys/values: num_layers x [b, max_seq_len, kv_heads, head_dim]; lengths [b] = slots filled
+  cache: KVCache  # keys/values: [num_layers, b, max_seq_len, kv_heads, head_dim]; lengths [b] = slots filled
   tokens: jax.Array  # [b] int32, the last generated token (input of the next step)
   generated: jax.Array  # [b] int32, tokens generated so far
   budget: jax.Array  # [b] int32, max new tokens
@@ -56,7 +57,7 @@ class DecodeState:
 class Prefix:
   """A prefilled prompt and its first generated token for each of its samples (padded to a power of two)."""
 
-  cache: KVCache  # num_layers x [rows, Lp, kv_heads, head_dim]; lengths [rows] = prompt lengths
+  cache: KVCache  # [num_layers, rows, Lp, kv_heads, head_dim]; lengths [rows] = prompt lengths
   row: jax.Array  # [] int32, this prompt's row of `cache` (a batched prefill's prompts share one cache)
   first_tokens: jax.Array  # [n_pad] int32
   first_logprobs: jax.Array  # [n_pad] float32
@@ -69,7 +70,7 @@ class Prefix:
 class ExistingPrefix:
   """KV already computed for `common_prefix_tokens` (MaxText's name): slots [0, len) of `cache` are reused."""
 
-  cache: KVCache  # num_layers x [1, S >= len(common_prefix_tokens), kv_heads, head_dim]
+  cache: KVCache  # [num_layers, 1, S >= len(common_prefix_tokens), kv_heads, head_dim]
   common_prefix_tokens: np.ndarray  # [m] int32
 
 
@@ -92,8 +93,12 @@ class Qwen2Engine(Engine):
 
   Args:
     model: the model (its params are moved onto `mesh` by `load_params`).
-    max_concurrent_decodes: decode slots (must divide by the data x fsdp mesh size).
+    max_concurrent_decodes: decode slots (must divide by the data x fsdp mesh size); 0 = as many as the KV
+      budget holds at max_seq_len (at most kv_budget.MAX_AUTO_SLOTS).
     max_seq_len: KV slots per decode slot: prompt + generated tokens must fit.
+    kv_memory_fraction, kv_memory_bytes: the per-device KV budget (see kv_budget.py): a byte count when > 0,
+      else the fraction of device memory left after the weights. Slots x max_seq_len are checked against it
+      before anything is allocated (KVBudgetError).
     decode_steps: decode steps per `generate` call; more steps amortise dispatch and host work, fewer free a
       finished slot sooner.
     eos_token_ids: tokens that end a sample (default: the model config's).
@@ -105,14 +110,17 @@ class Qwen2Engine(Engine):
   def __init__(self, model: Qwen2ForCausalLM, *, max_concurrent_decodes: int = 8, max_seq_len: int = 2048,
                decode_steps: int = 16, eos_token_ids: tuple[int, ...] | None = None, mesh: Mesh | None = None,
                min_prefill_bucket: int = 16, min_attend_bucket: int = 128, max_prefill_batch: int = 8,
-               max_prefill_tokens: int = 4096):
+               max_prefill_tokens: int = 4096, kv_memory_fraction: float = kv_budget.DEFAULT_KV_MEMORY_FRACTION,
+               kv_memory_bytes: int = 0):
     self.config = model.config
     self._mesh = mesh if mesh is not None else sharding_lib.make_mesh(devices=jax.devices()[:1])
     self._rules = sharding_lib.SERVE_RULES
     self._model = model
     self._graphdef = nnx.graphdef(model)
     self._params = None
-    self._batch = max_concurrent_decodes
+    self.kv_budget, self._batch = kv_budget.plan_slots(
+        self.config, nnx.state(model), self._mesh, self._rules, max_concurrent_decodes=max_concurrent_decodes,
+        max_seq_len=max_seq_len, kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
     self._max_len = max_seq_len
     self.decode_steps = decode_steps
     self.eos_token_ids = tuple(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -129,20 +137,18 @@ class Qwen2Engine(Engine):
 
   def _build_shardings(self):
     cfg, b, s = self.config, self._batch, self._max_len
-    kv_shape = (b, s, cfg.num_kv_heads, cfg.head_dim)
+    kv_shape = (cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
     kv = self._sharding(kv_shape, CACHE_AXES, "decode KV cache (max_concurrent_decodes x kv_heads)")
     rows = self._sharding((b,), ("batch",), "decode slots")
     rows2 = self._sharding((b, cfg.vocab_size), ("batch", None), "decode slots")
-    layers = cfg.num_layers
     self._state_sharding = DecodeState(
-        cache=KVCache(keys=(kv,) * layers, values=(kv,) * layers, lengths=rows),
+        cache=KVCache(keys=kv, values=kv, lengths=rows),
         tokens=rows, generated=rows, budget=rows, active=rows, keys=rows2,
         sampling=SamplingConfig(temperature=rows, top_p=rows, top_k=rows, ban_first_k=rows,
                                 banned_first=rows2, banned=rows2))
-    prefix_kv = NamedSharding(self._mesh, self._rules.spec((None,) + CACHE_AXES[1:]))
+    prefix_kv = NamedSharding(self._mesh, self._rules.spec(("layers", None) + CACHE_AXES[2:]))
     self._replicated = NamedSharding(self._mesh, PartitionSpec())
-    self._prefix_cache_sharding = KVCache(keys=(prefix_kv,) * layers, values=(prefix_kv,) * layers,
-                                          lengths=self._replicated)
+    self._prefix_cache_sharding = KVCache(keys=prefix_kv, values=prefix_kv, lengths=self._replicated)
 
   def get_prefix_destination_sharding(self) -> Prefix:
     rep = self._replicated
@@ -170,8 +176,8 @@ class Qwen2Engine(Engine):
     def expand(stored: KVCache, reused: jax.Array, length: int) -> KVCache:
       """Copies the reused slots of a stored prefix into a fresh [1, length] working buffer."""
       n = min(stored.max_len, length)
-      grow = lambda x: jnp.zeros((1, length) + x.shape[2:], x.dtype).at[:, :n].set(x[:, :n])
-      return KVCache(keys=tuple(map(grow, stored.keys)), values=tuple(map(grow, stored.values)),
+      grow = lambda x: jnp.zeros(x.shape[:2] + (length,) + x.shape[3:], x.dtype).at[:, :, :n].set(x[:, :, :n])
+      return KVCache(keys=grow(stored.keys), values=grow(stored.values),
                      lengths=jnp.reshape(reused, (1,)).astype(jnp.int32))
 
     def prefill_kv(params, cache: KVCache, tokens: jax.Array, true_lengths: jax.Array):
@@ -198,10 +204,10 @@ class Qwen2Engine(Engine):
 
     def insert(prefix: Prefix, state: DecodeState, slot: jax.Array, sample: jax.Array) -> DecodeState:
       put_row = lambda full, rows: jax.lax.dynamic_update_slice(
-          full, jax.lax.dynamic_slice_in_dim(rows, prefix.row, 1), (slot,) + (0,) * (full.ndim - 1))
+          full, jax.lax.dynamic_slice_in_dim(rows, prefix.row, 1, axis=1), (0, slot) + (0,) * (full.ndim - 2))
       token = prefix.first_tokens[sample]
-      cache = KVCache(keys=tuple(map(put_row, state.cache.keys, prefix.cache.keys)),
-                      values=tuple(map(put_row, state.cache.values, prefix.cache.values)),
+      cache = KVCache(keys=put_row(state.cache.keys, prefix.cache.keys),
+                      values=put_row(state.cache.values, prefix.cache.values),
                       lengths=state.cache.lengths.at[slot].set(prefix.cache.lengths[prefix.row]))
       return DecodeState(
           cache=cache, tokens=state.tokens.at[slot].set(token), generated=state.generated.at[slot].set(1),
@@ -213,8 +219,8 @@ class Qwen2Engine(Engine):
     def generate(params, state: DecodeState, attend_len: int):
       model = nnx.merge(graphdef, params)
       full, whole = state.cache, attend_len == max_len
-      view = full if whole else KVCache(keys=tuple(k[:, :attend_len] for k in full.keys),
-                                        values=tuple(v[:, :attend_len] for v in full.values), lengths=full.lengths)
+      view = full if whole else KVCache(keys=full.keys[:, :, :attend_len], values=full.values[:, :, :attend_len],
+                                        lengths=full.lengths)
 
       def step(carry, _):
         cache, tokens, generated, active = carry
@@ -230,16 +236,15 @@ class Qwen2Engine(Engine):
 
       carry = (view, state.tokens, state.generated, state.active)
       (view, tokens, generated, active), (new, valid, logprobs) = jax.lax.scan(step, carry, length=steps)
-      write_back = lambda f, v: jax.lax.dynamic_update_slice(f, v, (0, 0, 0, 0))
-      cache = view if whole else KVCache(keys=tuple(map(write_back, full.keys, view.keys)),
-                                         values=tuple(map(write_back, full.values, view.values)),
-                                         lengths=view.lengths)
+      write_back = lambda f, v: jax.lax.dynamic_update_slice(f, v, (0,) * f.ndim)
+      cache = view if whole else KVCache(keys=write_back(full.keys, view.keys),
+                                         values=write_back(full.values, view.values), lengths=view.lengths)
       result = ResultTokens.pack(new.T, valid.T, generated, logprobs.T)
       state = state.replace(cache=cache, tokens=tokens, generated=generated, active=active)
       return state, result
 
     def trim(cache: KVCache, row: jax.Array, length: int) -> KVCache:
-      cut = lambda xs: tuple(jax.lax.dynamic_slice_in_dim(x, row, 1)[:, :length] for x in xs)
+      cut = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=1)[:, :, :length]
       return KVCache(keys=cut(cache.keys), values=cut(cache.values), lengths=cache.lengths[row][None])
 
     state_sh, rep = self._state_sharding, self._replicated

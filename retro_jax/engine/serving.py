@@ -4,6 +4,7 @@ from __future__ import annotations
 from jax.sharding import Mesh
 
 from retro_jax.engine.driver import Driver, Tokenizer
+from retro_jax.engine.kv_budget import DEFAULT_KV_MEMORY_FRACTION
 from retro_jax.engine.qwen2_engine import Qwen2Engine, load_engine
 from retro_jax.models.config import Qwen2Config
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
@@ -11,18 +12,22 @@ from retro_jax.models.qwen2 import Qwen2ForCausalLM
 
 def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_seq_len: int = 2048,
                         dtype: str = "float32", mesh: Mesh | None = None, decode_steps: int = 16,
-                        prefix_cache_bytes: int = 1 << 30, progress: bool = True) -> Driver:
+                        prefix_cache_bytes: int = 1 << 30, progress: bool = True,
+                        kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0) -> Driver:
   """A `TextGenerator` over an HF checkpoint directory (config.json, safetensors, tokenizer files).
 
   `dtype` is both the storage and the compute dtype ("float32", "bfloat16"). EOS ids are the tokenizer's
-  plus the config's. See driver.py for the over-long, EOS and stop-string policies.
+  plus the config's. See driver.py for the over-long, EOS and stop-string policies. `max_concurrent_decodes`
+  0 takes as many slots as the KV budget (`kv_memory_fraction` / `kv_memory_bytes`, kv_budget.py) holds;
+  slots that do not fit raise `KVBudgetError` before any KV is allocated.
   """
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
 
   tokenizer = load_tokenizer(model_dir)
   eos = tuple(dict.fromkeys(tuple(tokenizer.eos_token_ids) + Qwen2Config.from_pretrained(model_dir).eos_token_ids))
   engine = load_engine(model_dir, mesh=mesh, dtype=dtype, max_concurrent_decodes=max_concurrent_decodes,
-                       max_seq_len=max_seq_len, decode_steps=decode_steps, eos_token_ids=eos)
+                       max_seq_len=max_seq_len, decode_steps=decode_steps, eos_token_ids=eos,
+                       kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
   return Driver(engine, tokenizer, prefix_cache_bytes=prefix_cache_bytes, progress=progress)
 
 
@@ -33,7 +38,7 @@ def text_generator_from_model(model: Qwen2ForCausalLM, tokenizer: Tokenizer, *, 
   """A `TextGenerator` over an in-memory model (params are moved onto `mesh`).
 
   `eos_token_ids` defaults to the tokenizer's `eos_token_ids` when it has them, else the model config's.
-  `engine_kwargs` go to `Qwen2Engine` (decode_steps, min_prefill_bucket, min_attend_bucket).
+  `engine_kwargs` go to `Qwen2Engine` (decode_steps, min_prefill_bucket, min_attend_bucket, kv_memory_*).
   """
   if eos_token_ids is None:
     eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or model.config.eos_token_ids)

@@ -42,7 +42,10 @@ def _common_config() -> ml_collections.ConfigDict:
   config.hf_split = "train"
   config.hf_subset = ""
   config.progress = True
-  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 32768, "dtype": "float32"})
+  # max_concurrent_decodes 0: as many decode slots as the KV budget holds at max_seq_len (at most 64); the budget
+  # is kv_memory_bytes when > 0, else kv_memory_fraction of the device memory left after the weights
+  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 0, "max_seq_len": 32768, "dtype": "float32",
+                                             "kv_memory_fraction": 0.5, "kv_memory_bytes": 0})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 
@@ -96,7 +99,13 @@ def _command(argv: Sequence[str], default: ml_collections.ConfigDict, prog: str,
   if missing:
     print(f"{prog}: {', '.join(missing)} required (as flags or in the config)", file=sys.stderr)
     return 2
-  run(config, *_load_model(config))
+  from retro_jax.engine.kv_budget import KVBudgetError  # pylint: disable=import-outside-toplevel
+  try:
+    loaded = _load_model(config)
+  except KVBudgetError as error:
+    print(f"{prog}: {error}", file=sys.stderr)
+    return 2
+  run(config, *loaded)
   return 0
 
 
@@ -104,7 +113,9 @@ def _load_model(config: ml_collections.ConfigDict) -> tuple[TextGenerator, Calla
   from retro_jax.engine.serving import load_text_generator  # pylint: disable=import-outside-toplevel
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
   generator = load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
-                                  max_seq_len=config.engine.max_seq_len, dtype=config.engine.dtype)
+                                  max_seq_len=config.engine.max_seq_len, dtype=config.engine.dtype,
+                                  kv_memory_fraction=config.engine.kv_memory_fraction,
+                                  kv_memory_bytes=config.engine.kv_memory_bytes)
   return generator, load_tokenizer(config.model).render_prompt
 
 

@@ -1,0 +1,112 @@
+"""The decode KV cache as a memory budget: sized and checked at start-up, never discovered by an OOM.
+
+The engine reserves `max_concurrent_decodes x max_seq_len` KV positions up front (one dense row per slot), and
+with the search defaults (64 x 32,768) that is 51 GB for a 0.5B model in float32: a raw RESOURCE_EXHAUSTED
+half-way through start-up is how a new user found out. So the engine first works out what it may use:
+
+  budget = kv_memory_bytes                                             when given (> 0)
+         = kv_memory_fraction x (device memory - this device's share of the weights)   otherwise
+
+per device (slots are split over data x fsdp, KV heads over tensor). Device memory is the accelerator's
+`bytes_limit`; a CPU device has none, so the host's physical memory, shared by its CPU devices, stands in.
+Then `max_concurrent_decodes=0` ("auto") takes as many slots as the budget holds (at most `MAX_AUTO_SLOTS`),
+and explicit slots that do not fit stop with one line that says what to lower.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+from flax import nnx
+
+from retro_jax.models.config import Qwen2Config
+from retro_jax.models.kv_cache import bytes_per_token
+
+MAX_AUTO_SLOTS = 64  # the search's default concurrency; more rarely helps a single replica
+DEFAULT_KV_MEMORY_FRACTION = 0.5  # of the memory left after the weights: prefill buffers, logits, the prefix
+                                  # cache and XLA's temporaries live in the rest
+
+
+class KVBudgetError(ValueError):
+  """The configured slots and lengths cannot fit the KV budget (a config error: one line, exit 2)."""
+
+
+def _gb(n: float) -> str:
+  for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    if n >= size:
+      return f"{n / size:,.1f} {unit}"
+  return f"{int(n)} B"
+
+
+def device_memory_bytes(device) -> int:
+  """Memory of one device: the accelerator's limit, or for a CPU device its share of the host's RAM."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  cpu_devices = sum(1 for d in jax.local_devices() if d.platform == device.platform) or 1
+  return host // cpu_devices
+
+
+def per_device_weight_bytes(state, mesh, rules) -> int:
+  """Bytes of the params in `state` that one device holds once they are placed on `mesh` under `rules`."""
+  from retro_jax.sharding import state_shardings  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = jax.tree.leaves(state_shardings(state, mesh, rules))
+  return sum(math.prod(s.shard_shape(v.shape)) * v.dtype.itemsize for v, s in zip(leaves, shardings))
+
+
+@dataclasses.dataclass(frozen=True)
+class KVBudget:
+  """Per-device KV bytes the engine may reserve, and what one cached position costs per device."""
+
+  budget_bytes: int
+  bytes_per_position: int  # per device: this device's share of the KV heads, all layers, keys and values
+  slot_shards: int  # devices the decode slots are split over (data x fsdp)
+  source: str  # how the budget was set, for the message
+
+  def slots_that_fit(self, max_seq_len: int) -> int:
+    """Most slots (a multiple of slot_shards) whose max_seq_len positions fit, capped at MAX_AUTO_SLOTS."""
+    per_shard = self.budget_bytes // (max_seq_len * self.bytes_per_position)
+    return min(MAX_AUTO_SLOTS, per_shard * self.slot_shards) // self.slot_shards * self.slot_shards
+
+  def check(self, slots: int, max_seq_len: int) -> None:
+    need = -(-slots // self.slot_shards) * max_seq_len * self.bytes_per_position
+    if need > self.budget_bytes:
+      fit = self.slots_that_fit(max_seq_len)
+      hint = f" ({fit} slots fit at this length)" if fit else ""
+      raise KVBudgetError(
+          f"{slots} slots x {max_seq_len:,} tokens need {_gb(need)} of KV per device; the budget is "
+          f"{_gb(self.budget_bytes)} ({self.source}){hint}: lower engine.max_concurrent_decodes or "
+          f"engine.max_seq_len, or raise the budget (engine.kv_memory_fraction or engine.kv_memory_bytes)")
+
+
+def kv_budget(config: Qwen2Config, weight_bytes: int, mesh, rules, *,
+              kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0) -> KVBudget:
+  """The per-device KV budget of an engine on `mesh` whose weights take `weight_bytes` per device."""
+  from retro_jax.sharding import axis_size  # pylint: disable=import-outside-toplevel
+  if kv_memory_bytes < 0 or not 0 < kv_memory_fraction <= 1:
+    raise KVBudgetError(f"engine.kv_memory_fraction must be in (0, 1] and engine.kv_memory_bytes >= 0, got "
+                        f"{kv_memory_fraction} and {kv_memory_bytes}")
+  slot_shards = axis_size(mesh, rules.rules.get("batch"))
+  position = bytes_per_token(config) // axis_size(mesh, rules.rules.get("kv_heads"))
+  if kv_memory_bytes:
+    return KVBudget(kv_memory_bytes, position, slot_shards, "engine.kv_memory_bytes")
+  device = mesh.devices.flat[0]
+  memory = device_memory_bytes(device)
+  budget = int(kv_memory_fraction * max(0, memory - weight_bytes))
+  return KVBudget(budget, position, slot_shards, f"{kv_memory_fraction:g} x ({_gb(memory)} of {device.platform} "
+                                                 f"memory - {_gb(weight_bytes)} of weights)")
+
+
+def plan_slots(config: Qwen2Config, state, mesh, rules, *, max_concurrent_decodes: int, max_seq_len: int,
+               kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0) -> tuple[KVBudget, int]:
+  """(budget, slots) for an engine with params `state` (concrete or abstract) on `mesh`: `max_concurrent_decodes`
+  0 becomes the slots that fit; raises KVBudgetError when the slots x max_seq_len do not fit."""
+  budget = kv_budget(config, per_device_weight_bytes(state, mesh, rules), mesh, rules,
+                     kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
+  slots = max_concurrent_decodes or budget.slots_that_fit(max_seq_len)
+  budget.check(max(1, slots), max_seq_len)
+  return budget, slots

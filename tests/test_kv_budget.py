@@ -1,0 +1,67 @@
+"""The engine's KV budget: slots sized from it, explicit slots checked against it with one clear line, and the
+CLI's exit 2. Byte counts are hand-computed for the tiny config (2 layers x 2 KV heads x 16 dims x 4 B x K,V)."""
+import pytest
+from flax import nnx
+
+from retro_jax import sharding
+from retro_jax.engine import kv_budget
+from retro_jax.engine.qwen2_engine import Qwen2Engine
+from retro_jax.models.kv_cache import bytes_per_token
+from retro_jax.models.qwen2 import Qwen2ForCausalLM
+from tests.test_engine import CONFIG
+
+POSITION_BYTES = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, float32
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Qwen2ForCausalLM(CONFIG, nnx.Rngs(0))
+
+
+def test_bytes_per_token_by_hand():
+  assert bytes_per_token(CONFIG) == POSITION_BYTES == 512
+
+
+def test_auto_slots_are_what_the_budget_holds(model):
+  engine = Qwen2Engine(model, max_concurrent_decodes=0, max_seq_len=64, kv_memory_bytes=100_000)
+  assert engine.max_concurrent_decodes == 100_000 // (64 * POSITION_BYTES) == 3
+  state = engine.init_decode_state()
+  assert state.cache.keys.nbytes + state.cache.values.nbytes == 3 * 64 * POSITION_BYTES <= 100_000
+
+
+def test_slots_over_the_budget_fail_with_what_to_lower(model):
+  with pytest.raises(kv_budget.KVBudgetError) as error:
+    Qwen2Engine(model, max_concurrent_decodes=64, max_seq_len=2048, kv_memory_bytes=10**6)
+  message = str(error.value)
+  assert message.startswith("64 slots x 2,048 tokens need 67.1 MB of KV per device; the budget is 1.0 MB")
+  assert "lower engine.max_concurrent_decodes or engine.max_seq_len, or raise the budget" in message
+
+
+def test_budget_is_per_device_on_a_mesh(model):
+  """Slots split over data (4) and KV heads over tensor (2): each device holds a quarter of the slots and half of
+  every position."""
+  mesh = sharding.make_mesh(data=4, tensor=2)
+  engine = Qwen2Engine(model, max_concurrent_decodes=0, max_seq_len=64, mesh=mesh, kv_memory_bytes=3 * 64 * 256)
+  assert engine.max_concurrent_decodes == 12  # 3 slots per data shard, at 256 B per position per device
+
+
+def test_fraction_of_device_memory_after_the_weights():
+  budget = kv_budget.kv_budget(CONFIG, 10**6, sharding.make_mesh(data=1), sharding.SERVE_RULES,
+                               kv_memory_fraction=0.25)
+  device = sharding.make_mesh(data=1).devices.flat[0]
+  assert budget.budget_bytes == int(0.25 * (kv_budget.device_memory_bytes(device) - 10**6))
+  with pytest.raises(kv_budget.KVBudgetError, match="kv_memory_fraction must be in"):
+    kv_budget.kv_budget(CONFIG, 0, sharding.make_mesh(data=1), sharding.SERVE_RULES, kv_memory_fraction=1.5)
+
+
+def test_generate_cli_exits_2_with_one_line(tmp_path, capsys):
+  from retro_jax.cli import main  # pylint: disable=import-outside-toplevel
+  from retro_jax.demo import DEFAULT_MODEL  # the bundled tiny reasoner  # pylint: disable=import-outside-toplevel
+  problems = tmp_path / "in.jsonl"
+  problems.write_text('{"question": "1+1", "answer": "2"}\n')
+  code = main(["generate", "--input", str(problems), "--output", str(tmp_path / "out.jsonl"), "--model", DEFAULT_MODEL,
+               "--config.engine.max_concurrent_decodes=64", "--config.engine.kv_memory_bytes=1000000"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1, err
+  assert err[0].startswith("retro-jax generate: 64 slots x 32,768 tokens need") and "raise the budget" in err[0]
+  assert not (tmp_path / "out.jsonl").exists()
