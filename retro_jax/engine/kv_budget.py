@@ -8,7 +8,8 @@ half-way through start-up is how a new user found out. So the engine first works
          = kv_memory_fraction x (device memory - this device's share of the weights)   otherwise
 
 per device (slots are split over data x fsdp, KV heads over tensor). Device memory is the accelerator's
-`bytes_limit`; a CPU device has none, so the host's physical memory, shared by its CPU devices, stands in.
+`bytes_limit`; a CPU device has none, so its share of the host memory available at start-up stands in (the
+weights already sit in it, and the host is shared with whatever else runs there).
 Then `max_concurrent_decodes=0` ("auto") takes as many slots as the budget holds (at most `MAX_AUTO_SLOTS`),
 and explicit slots that do not fit stop with one line that says what to lower.
 """
@@ -40,14 +41,28 @@ def _gb(n: float) -> str:
   return f"{int(n)} B"
 
 
-def device_memory_bytes(device) -> int:
-  """Memory of one device: the accelerator's limit, or for a CPU device its share of the host's RAM."""
+def _host_available_bytes() -> int:
+  """MemAvailable of /proc/meminfo (what the host can give without swapping), else its physical memory."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def free_device_memory(device, weight_bytes: int) -> tuple[int, str]:
+  """(bytes the KV may come out of, how that was found) on one device: the accelerator's limit less the weights,
+  or on a CPU its share of the host memory available now (the weights are already resident there)."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = int(stats["bytes_limit"])
+    return max(0, limit - weight_bytes), f"{_gb(limit)} of {device.platform} memory - {_gb(weight_bytes)} of weights"
   cpu_devices = sum(1 for d in jax.local_devices() if d.platform == device.platform) or 1
-  return host // cpu_devices
+  available = _host_available_bytes() // cpu_devices
+  return available, f"{_gb(available)} of host memory available per CPU device"
 
 
 def per_device_weight_bytes(state, mesh, rules) -> int:
@@ -72,6 +87,12 @@ class KVBudget:
     per_shard = self.budget_bytes // (max_seq_len * self.bytes_per_position)
     return min(MAX_AUTO_SLOTS, per_shard * self.slot_shards) // self.slot_shards * self.slot_shards
 
+  def describe(self, slots: int, max_seq_len: int) -> str:
+    """One line for the start-up log: what the KV takes of the budget."""
+    need = -(-slots // self.slot_shards) * max_seq_len * self.bytes_per_position
+    return (f"KV cache: {slots} slots x {max_seq_len:,} tokens = {_gb(need)} per device of a {_gb(self.budget_bytes)} "
+            f"budget ({self.source})")
+
   def check(self, slots: int, max_seq_len: int) -> None:
     need = -(-slots // self.slot_shards) * max_seq_len * self.bytes_per_position
     if need > self.budget_bytes:
@@ -94,11 +115,8 @@ def kv_budget(config: Qwen2Config, weight_bytes: int, mesh, rules, *,
   position = bytes_per_token(config) // axis_size(mesh, rules.rules.get("kv_heads"))
   if kv_memory_bytes:
     return KVBudget(kv_memory_bytes, position, slot_shards, "engine.kv_memory_bytes")
-  device = mesh.devices.flat[0]
-  memory = device_memory_bytes(device)
-  budget = int(kv_memory_fraction * max(0, memory - weight_bytes))
-  return KVBudget(budget, position, slot_shards, f"{kv_memory_fraction:g} x ({_gb(memory)} of {device.platform} "
-                                                 f"memory - {_gb(weight_bytes)} of weights)")
+  free, how = free_device_memory(mesh.devices.flat[0], weight_bytes)
+  return KVBudget(int(kv_memory_fraction * free), position, slot_shards, f"{kv_memory_fraction:g} x ({how})")
 
 
 def plan_slots(config: Qwen2Config, state, mesh, rules, *, max_concurrent_decodes: int, max_seq_len: int,

@@ -1,6 +1,8 @@
 """Building a `TextGenerator`: from an HF model directory (CLIs) or from a model in memory (tests, demo)."""
 from __future__ import annotations
 
+import sys
+
 from jax.sharding import Mesh
 
 from retro_jax.engine.driver import Driver, Tokenizer
@@ -28,6 +30,8 @@ def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_
   engine = load_engine(model_dir, mesh=mesh, dtype=dtype, max_concurrent_decodes=max_concurrent_decodes,
                        max_seq_len=max_seq_len, decode_steps=decode_steps, eos_token_ids=eos,
                        kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
+  if progress:
+    print(f"[engine] {engine.kv_budget.describe(engine.max_concurrent_decodes, engine.max_seq_len)}", file=sys.stderr)
   return Driver(engine, tokenizer, prefix_cache_bytes=prefix_cache_bytes, progress=progress)
 
 
