@@ -40,8 +40,11 @@ class ShardingRules:
 # activation's embed dim must not be (its batch already is), the distinction MaxText draws the same way.
 _COMMON = {"batch": ("data", "fsdp"), "seq": None, "cache_seq": None, "head_dim": None, "norm": None,
            "act_embed": None, "act_mlp": "tensor", "act_vocab": "tensor"}
+# "layer_seq": the sequence axis of the residual stream between scanned layers, which full remat keeps for every
+# layer; training splits it over "tensor" (sequence parallelism at layer boundaries, Korthikanti et al. 2022), so
+# those saved inputs take 1/tensor of the memory, and a layer gathers its input once.
 TRAIN_RULES = ShardingRules("train", {
-    **_COMMON, "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
+    **_COMMON, "layer_seq": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
 SERVE_RULES = ShardingRules("serve", {
     **_COMMON, "embed": None, "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
 

@@ -167,12 +167,14 @@ class Qwen2ForCausalLM(nnx.Module):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.config.jnp_dtype)
-    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
     graphdef, stacked = nnx.split(self.layers)
+
+    between_layers = ("batch", "layer_seq", "act_embed")  # what remat saves per layer (see sharding.TRAIN_RULES)
 
     def layer_step(carry, layer_params):
       x, cache = carry
       x, cache = nnx.merge(graphdef, layer_params)(x, positions, segment_ids, cache)
+      x = sharding.constrain(x, between_layers)
       return (x, None if cache is None else cache.replace(layer=cache.layer + 1)), None
 
     if remat != "none":
@@ -181,7 +183,7 @@ class Qwen2ForCausalLM(nnx.Module):
     if kv_cache is not None:
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
                          mask=cache_mask(kv_cache.lengths, t, kv_cache.max_len))
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), stacked)
+    (x, cache), _ = jax.lax.scan(layer_step, (sharding.constrain(x, between_layers), cache), stacked)
     x = self.final_norm(x)
     if kv_cache is None:
       return x, None
