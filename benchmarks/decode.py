@@ -42,6 +42,7 @@ from retro_jax.engine import Driver, GenerationRequest, Qwen2Engine, R1_SAMPLING
 from retro_jax.engine.qwen2_engine import bucket
 from retro_jax.models.config import SHAPES as PUBLISHED_SHAPES
 from retro_jax.models.config import Qwen2Config
+from retro_jax.models.kv_cache import bytes_per_token
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
 
 # Qwen2.5 shapes (random weights); "tiny" is a test-sized model where overheads dominate.
@@ -138,9 +139,8 @@ def _pow2(n: int) -> int:
 
 
 def _bandwidth(config: Qwen2Config, batch: int, context: float, measured_tok_s: float, bw: float) -> dict:
-  width = jnp.dtype(config.jnp_dtype).itemsize
-  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * width
-  step_bytes = config.num_params * jnp.dtype(config.jnp_param_dtype).itemsize + batch * context * kv_per_token
+  step_bytes = (config.num_params * jnp.dtype(config.jnp_param_dtype).itemsize
+                + batch * context * bytes_per_token(config))
   limit_tok_s = batch / (step_bytes / bw)
   return dict(bytes_per_step=step_bytes, limit_tok_s=limit_tok_s, fraction=measured_tok_s / limit_tok_s)
 
