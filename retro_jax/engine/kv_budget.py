@@ -97,7 +97,7 @@ class KVBudget:
     need = -(-slots // self.slot_shards) * max_seq_len * self.bytes_per_position
     if need > self.budget_bytes:
       fit = self.slots_that_fit(max_seq_len)
-      hint = f" ({fit} slots fit at this length)" if fit else ""
+      hint = f"; {fit} slots fit at this length" if fit else ""
       raise KVBudgetError(
           f"{slots} slots x {max_seq_len:,} tokens need {_gb(need)} of KV per device; the budget is "
           f"{_gb(self.budget_bytes)} ({self.source}){hint}: lower engine.max_concurrent_decodes or "
