@@ -98,3 +98,28 @@ def test_auto_follows_the_active_mesh_platform():
     assert attention_lib.platform() == "cpu"
   with pytest.raises(ValueError, match="attention implementation must be one of"):
     attention_lib.attention(*_inputs(0)[:4], implementation="flash")
+
+
+def test_fresh_prefill_attends_blockwise_as_the_cache_path_does():
+  """A prefill into an empty cache (the engine's common case) takes the blockwise path: same logits and KV as
+  attending densely over the cache, padded rows included."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from retro_jax.models import KVCache, Qwen2Config, Qwen2ForCausalLM  # pylint: disable=import-outside-toplevel
+  config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+  model = Qwen2ForCausalLM(config, nnx.Rngs(0))
+  tokens = np.random.default_rng(6).integers(0, 64, (2, 12))
+  segment_ids = (np.arange(12)[None] < np.array([[12], [7]])).astype(np.int32)  # row 1 right-padded
+
+  def prefill(empty):
+    return model.hidden_states(jnp.asarray(tokens), jnp.arange(12)[None].repeat(2, 0), jnp.asarray(segment_ids),
+                               KVCache.init(config, 2, 16), empty_cache=empty)
+
+  (blockwise, cache_b), (dense, cache_d) = prefill(True), prefill(False)
+  real = segment_ids[..., None] == 1
+  np.testing.assert_allclose(np.where(real, blockwise, 0), np.where(real, dense, 0), atol=1e-5)
+  written = np.pad(segment_ids, ((0, 0), (0, 4)))[None, :, :, None, None] == 1  # slots past a row's length are
+  # overwritten by later tokens, so only the written ones must agree
+  np.testing.assert_allclose(np.where(written, cache_b.keys, 0), np.where(written, cache_d.keys, 0), atol=1e-5)
+  np.testing.assert_allclose(np.where(written, cache_b.values, 0), np.where(written, cache_d.values, 0), atol=1e-5)
+  np.testing.assert_array_equal(cache_b.lengths, [12, 7])

@@ -180,14 +180,16 @@ class Qwen2Engine(Engine):
       return KVCache(keys=grow(stored.keys), values=grow(stored.values),
                      lengths=jnp.reshape(reused, (1,)).astype(jnp.int32))
 
-    def prefill_kv(params, cache: KVCache, tokens: jax.Array, true_lengths: jax.Array):
+    def prefill_kv(params, cache: KVCache, tokens: jax.Array, true_lengths: jax.Array, empty: bool):
       """tokens [r, T] (right-padded) written after cache.lengths; returns the cache and the logits [r, v] of
-      each row's last real token (the head runs on those rows only)."""
+      each row's last real token (the head runs on those rows only). `empty`: no reused KV, so attention runs
+      blockwise over the chunk (a long prompt never builds [T, Lp] scores)."""
       model = nnx.merge(graphdef, params)
       t = tokens.shape[1]
       segment_ids = (jnp.arange(t)[None, :] < true_lengths[:, None]).astype(jnp.int32)
       positions = cache.lengths[:, None] + jnp.arange(t)[None, :]
-      hidden, cache = model.hidden_states(tokens, positions, segment_ids=segment_ids, kv_cache=cache)
+      hidden, cache = model.hidden_states(tokens, positions, segment_ids=segment_ids, kv_cache=cache,
+                                          empty_cache=empty)
       last = jnp.take_along_axis(hidden, (true_lengths - 1)[:, None, None], axis=1)  # [r, 1, d]
       return cache, model.logits(last)[:, 0]
 
@@ -253,7 +255,8 @@ class Qwen2Engine(Engine):
     self._empty_prefix_cache = jax.jit(empty_prefix_cache, static_argnums=(0, 1),
                                        out_shardings=self._prefix_cache_sharding)
     self._expand = jax.jit(expand, static_argnums=2, out_shardings=self._prefix_cache_sharding)
-    self._prefill_kv = jax.jit(prefill_kv, donate_argnums=1, out_shardings=(self._prefix_cache_sharding, rep))
+    self._prefill_kv = jax.jit(prefill_kv, donate_argnums=1, static_argnums=4,
+                               out_shardings=(self._prefix_cache_sharding, rep))
     self._sample_first = jax.jit(sample_first, static_argnums=5, out_shardings=(
         rep, rep, rep, rep, prefix_sharding.sampling, rep, rep))
     self._insert = jax.jit(insert, donate_argnums=1, out_shardings=state_sh)
@@ -352,7 +355,7 @@ class Qwen2Engine(Engine):
     else:
       cache = self._traced(self._expand, existing_prefix.cache, np.int32(reused), length)
     cache, logits = self._traced(self._prefill_kv, params, cache, padded_tokens[None],
-                                 np.asarray([true_length], np.int32))
+                                 np.asarray([true_length], np.int32), existing_prefix is None)
     return self._first_tokens(cache, logits, 0, request)
 
   def prefill_batch(self, *, params, padded_tokens, true_lengths,
@@ -376,7 +379,7 @@ class Qwen2Engine(Engine):
     lengths = np.ones((rows,), np.int32)
     lengths[:r] = true_lengths
     cache = self._traced(self._empty_prefix_cache, rows, t)
-    cache, logits = self._traced(self._prefill_kv, params, cache, tokens, lengths)
+    cache, logits = self._traced(self._prefill_kv, params, cache, tokens, lengths, True)
     return [self._first_tokens(cache, logits, i, request) for i, request in enumerate(requests)]
 
   def prefix_kv(self, prefix: Prefix, length: int) -> KVCache:
@@ -426,7 +429,7 @@ class Qwen2Engine(Engine):
           self._empty_prefix_cache.lower(rows, length).compile()
           tokens_abs = jax.ShapeDtypeStruct((rows, length), jnp.int32)
           lengths_abs = jax.ShapeDtypeStruct((rows,), jnp.int32)
-          self._prefill_kv.lower(params_abs, cache_abs, tokens_abs, lengths_abs).compile()
+          self._prefill_kv.lower(params_abs, cache_abs, tokens_abs, lengths_abs, True).compile()
           logits_abs = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self._replicated)
           self._sample_first.lower(logits_abs, scalar, host_config, seed, scalar, 1).compile()
           sampled = jax.eval_shape(self._sample_first, logits_abs, scalar, host_config, seed, scalar, 1)

@@ -65,6 +65,9 @@ class LayerCache:
   layer: jax.Array  # [] int32
   starts: jax.Array  # [b] int32
   mask: jax.Array  # [b, t, S] bool
+  # every row starts at 0 (a fresh prefill): the chunk attends to itself only, through the full-sequence path,
+  # so a 32k-token prompt never builds [t, S] scores
+  empty: bool = struct.field(pytree_node=False, default=False)
 
 
 class Attention(nnx.Module):
@@ -97,8 +100,11 @@ class Attention(nnx.Module):
       keys = sharding.constrain(write_rows(cache.keys, cache.layer, k, cache.starts), CACHE_AXES)
       values = sharding.constrain(write_rows(cache.values, cache.layer, v, cache.starts), CACHE_AXES)
       cache = cache.replace(keys=keys, values=values)
-      out = dense_attention(q, keys[cache.layer].astype(cfg.jnp_dtype), values[cache.layer].astype(cfg.jnp_dtype),
-                            cache.mask)
+      if cache.empty:  # pure JAX: the chunk's rows are replicated over the mesh, no kernel shard_map fits them
+        out = attention(q, k, v, segment_ids, implementation="blockwise")
+      else:
+        out = dense_attention(q, keys[cache.layer].astype(cfg.jnp_dtype),
+                              values[cache.layer].astype(cfg.jnp_dtype), cache.mask)
     out = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(cfg.jnp_dtype))
     return out, cache
 
@@ -154,8 +160,12 @@ class Qwen2ForCausalLM(nnx.Module):
       self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                    kv_cache: KVCache | None = None, remat: str | None = None) -> tuple[jax.Array, KVCache | None]:
+                    kv_cache: KVCache | None = None, remat: str | None = None,
+                    empty_cache: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [b, t, d] (the trainer computes the loss from these in vocab chunks).
+
+    `empty_cache` promises that every row of `kv_cache` is empty (lengths 0): the chunk then attends to itself
+    blockwise (attention.py) instead of densely over the cache.
 
     `remat` (default: the config's) names the policy applied to each layer of the scan: "full" keeps only each
     layer's input for the backward pass, "dots" also its matmul outputs.
@@ -182,7 +192,7 @@ class Qwen2ForCausalLM(nnx.Module):
     cache = None
     if kv_cache is not None:
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
-                         mask=cache_mask(kv_cache.lengths, t, kv_cache.max_len))
+                         mask=cache_mask(kv_cache.lengths, t, kv_cache.max_len), empty=empty_cache)
     (x, cache), _ = jax.lax.scan(layer_step, (sharding.constrain(x, between_layers), cache), stacked)
     x = self.final_norm(x)
     if kv_cache is None:
