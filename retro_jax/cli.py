@@ -2,11 +2,16 @@
 
 Each subcommand lives with its stage and is imported only when called, so `retro-jax search --help` does not pay
 for importing the trainer (and a broken optional stage cannot take the others down).
+
+A user's mistake (`user_errors.UserError`, raised where it is found) is printed here as one line,
+`retro-jax <command>: <problem>; <fix>`, with exit status 2; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from retro_jax.user_errors import EXIT_USER_ERROR, UserError
 
 # name -> (module, function, one-line help)
 SUBCOMMANDS = {
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
   name, rest = argv[0], argv[1:]
   if name not in SUBCOMMANDS:
     print(f"retro-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-    return 2
+    return EXIT_USER_ERROR
   module_name, function, _ = SUBCOMMANDS[name]
   try:
     module = importlib.import_module(module_name)
@@ -43,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if e.name is None or not module_name.startswith(e.name):
       raise
     print(f"retro-jax {name}: this capability is not built yet ({module_name} is missing).", file=sys.stderr)
-    return 2
-  return int(getattr(module, function)(rest) or 0)
+    return EXIT_USER_ERROR
+  try:
+    return int(getattr(module, function)(rest) or 0)
+  except UserError as error:
+    print(f"retro-jax {name}: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -4,23 +4,28 @@ Configuration: the defaults below, or a config file (`--config path/to/file.py`,
 ConfigDict of the same shape; start it from `default_search_config()`), then `--config.key=value` overrides
 (`--config.search.mode=partial`), then the shortcuts `--input --output --model --limit --seed`.
 
+Every setting is checked before the model loads (paths, choices, the sequence limit against the model's
+positions); a mistake is a `UserError`, one line and exit status 2 (see `retro_jax.cli`). The prompt options
+(`chat_template`, `system_prompt`, `prompt_template`) are the same keys as in `eval` and `sft`.
+
 The model server and the prompt renderer are imported only when a command runs, so that the search library
 and its tests never need a model.
 """
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Callable, Sequence
 
 from absl import flags
 import ml_collections
 
-from retro_jax import config_cli
+from retro_jax import config_cli, user_errors
 from retro_jax.engine.requests import TextGenerator
 from retro_jax.grading import Grader
 from retro_jax.search import generate, runner
 from retro_jax.search.retro_search import SearchConfig
+from retro_jax.tokenization import PROMPT_OPTIONS
+from retro_jax.user_errors import UserError
 
 _SHORTCUT_HELP = {
     "input": "input JSONL, or hf:<dataset name>",
@@ -41,8 +46,10 @@ def _common_config() -> ml_collections.ConfigDict:
   config.summary_path = ""  # "": <output without suffix>.summary.json
   config.hf_split = "train"
   config.hf_subset = ""
-  config.progress = True
-  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 32768, "dtype": "float32"})
+  config.progress = True  # progress bars (records, and the engine's samples)
+  config.update(PROMPT_OPTIONS)  # chat_template, system_prompt, prompt_template (tokenization.py)
+  # max_seq_len: prompt + generated tokens per sequence; 0 = the model's positions (max_position_embeddings)
+  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32"})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 
@@ -70,7 +77,7 @@ def default_generate_config() -> ml_collections.ConfigDict:
 
 
 def parse_config(argv: Sequence[str], default: ml_collections.ConfigDict, prog: str) -> ml_collections.ConfigDict:
-  """The run's config from `argv` (arguments only, without the program name); raises flags.Error on bad flags."""
+  """The run's config from `argv` (arguments only, without the program name); raises UserError on bad flags."""
   shortcuts = {name: (name, flags.DEFINE_integer if name in ("limit", "seed") else flags.DEFINE_string, text)
                for name, text in _SHORTCUT_HELP.items()}
   return config_cli.parse_config(argv, prog=prog, default=default, shortcuts=shortcuts)[0]
@@ -83,33 +90,58 @@ def _usage(prog: str, default: ml_collections.ConfigDict) -> str:
 
 
 def _command(argv: Sequence[str], default: ml_collections.ConfigDict, prog: str,
+             check: Callable[[ml_collections.ConfigDict], object],
              run: Callable[[ml_collections.ConfigDict, TextGenerator, Callable[[str], str]], dict]) -> int:
   if "-h" in argv or "--help" in argv:
     print(_usage(prog, default))
     return 0
-  try:
-    config = parse_config(argv, default, prog)
-  except (flags.Error, AttributeError, KeyError) as error:  # config_flags reports unknown keys as AttributeError
-    print(f"{prog}: {error}", file=sys.stderr)
-    return 2
+  config = parse_config(argv, default, prog)
   missing = [f"--{name}" for name in ("input", "output", "model") if not config[name]]
   if missing:
-    print(f"{prog}: {', '.join(missing)} required (as flags or in the config)", file=sys.stderr)
-    return 2
+    raise UserError(f"{', '.join(missing)} not given", "pass them as flags or set them in the config")
+  if not config.input.startswith("hf:"):
+    user_errors.check_input_file(config.input)
+  user_errors.check_output_file(config.output)
+  user_errors.check_model_dir(config.model)
+  check(config)
   run(config, *_load_model(config))
   return 0
 
 
 def _load_model(config: ml_collections.ConfigDict) -> tuple[TextGenerator, Callable[[str], str]]:
-  from retro_jax.engine.serving import load_text_generator  # pylint: disable=import-outside-toplevel
-  from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
-  generator = load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
-                                  max_seq_len=config.engine.max_seq_len, dtype=config.engine.dtype)
-  return generator, load_tokenizer(config.model).render_prompt
+  """The engine (its sequence limit checked against the model's positions) and the prompt renderer."""
+  from retro_jax.engine import serving  # pylint: disable=import-outside-toplevel
+  from retro_jax.tokenization import load_tokenizer_for  # pylint: disable=import-outside-toplevel
+  render_prompt = load_tokenizer_for(config.model, config).render_prompt  # checks the prompt options
+  max_seq_len = serving.resolve_max_seq_len(config.model, config.engine.max_seq_len)
+  generator = serving.load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
+                                          max_seq_len=max_seq_len, dtype=config.engine.dtype,
+                                          progress=config.progress)
+  return generator, render_prompt
+
+
+def _settings(make: Callable[[], object], section: str, choices: dict[str, tuple[str, ...]],
+              config: ml_collections.ConfigDict) -> object:
+  """Builds a settings dataclass from `config[section]`; its validation errors become UserErrors."""
+  for key, allowed in choices.items():
+    user_errors.check_choice(f"--config.{section}.{key}", config[section][key], allowed)
+  try:
+    return make()
+  except (ValueError, TypeError) as error:
+    raise UserError(f"--config.{section}: {error}", "fix that value (`--help` prints the defaults)") from None
 
 
 def search_config(config: ml_collections.ConfigDict) -> SearchConfig:
-  return SearchConfig(**config.search.to_dict(), seed=config.seed)
+  return _settings(lambda: SearchConfig(**config.search.to_dict(), seed=config.seed), "search",
+                   {"mode": ("full", "partial"), "value_unit": ("steps", "tokens")}, config)
+
+
+def generate_config(config: ml_collections.ConfigDict) -> generate.GenerateConfig:
+  def make() -> generate.GenerateConfig:
+    settings = generate.GenerateConfig(**config.generate.to_dict(), seed=config.seed)
+    settings.sampling  # pylint: disable=pointless-statement  # SamplingParams checks the sampling values
+    return settings
+  return _settings(make, "generate", {}, config)
 
 
 def run_search_from_config(config: ml_collections.ConfigDict, generator: TextGenerator,
@@ -131,7 +163,7 @@ def run_generate_from_config(config: ml_collections.ConfigDict, generator: TextG
   with Grader(config.grading.num_workers, config.grading.timeout_s) as grader:
     return generate.run_generate(
         rows, generator=generator, render_prompt=render_prompt, grader=grader, output_path=config.output,
-        config=generate.GenerateConfig(**config.generate.to_dict(), seed=config.seed),
+        config=generate_config(config),
         fields=runner.FieldMap(**config.fields.to_dict()), limit=config.limit,
         max_problems_in_flight=config.max_problems_in_flight, total=total,
         summary_path=config.summary_path or None, progress=config.progress)
@@ -139,9 +171,10 @@ def run_generate_from_config(config: ml_collections.ConfigDict, generator: TextG
 
 def search_main(argv: Sequence[str] = ()) -> int:
   """`retro-jax search ARGS`: `argv` holds the arguments after the subcommand. Returns the exit status."""
-  return _command(argv, default_search_config(), "retro-jax search", run_search_from_config)
+  return _command(argv, default_search_config(), "retro-jax search", search_config, run_search_from_config)
 
 
 def generate_main(argv: Sequence[str] = ()) -> int:
   """`retro-jax generate ARGS`: `argv` holds the arguments after the subcommand. Returns the exit status."""
-  return _command(argv, default_generate_config(), "retro-jax generate", run_generate_from_config)
+  return _command(argv, default_generate_config(), "retro-jax generate", generate_config,
+                  run_generate_from_config)

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from retro_jax import sharding
+from retro_jax.user_errors import UserError
 
 Row = dict[str, np.ndarray]
 
@@ -27,14 +28,14 @@ Row = dict[str, np.ndarray]
 def process_batch_size(global_batch: int, grad_accum_steps: int, mesh: Mesh) -> int:
   """Rows this process loads per optimizer step, after checking that the batch splits evenly."""
   if global_batch % grad_accum_steps:
-    raise ValueError(f"batch_size {global_batch} is not a multiple of grad_accum_steps {grad_accum_steps}")
+    raise UserError(f"batch_size {global_batch} is not a multiple of grad_accum_steps {grad_accum_steps}")
   micro = global_batch // grad_accum_steps
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if micro % batch_shards:
-    raise ValueError(f"a micro-batch of {micro} rows (batch_size {global_batch} / grad_accum_steps "
+    raise UserError(f"a micro-batch of {micro} rows (batch_size {global_batch} / grad_accum_steps "
                      f"{grad_accum_steps}) does not split over data x fsdp = {batch_shards} devices")
   if global_batch % jax.process_count():
-    raise ValueError(f"batch_size {global_batch} does not split over {jax.process_count()} processes")
+    raise UserError(f"batch_size {global_batch} does not split over {jax.process_count()} processes")
   return global_batch // jax.process_count()
 
 
@@ -44,7 +45,7 @@ def train_dataset(num_rows: int, make_row: Callable[[int], Row], *, batch_per_pr
   index, count = jax.process_index(), jax.process_count()
   per_process = num_rows // count  # equal slices, so every process runs the same number of steps per epoch
   if per_process < batch_per_process:
-    raise ValueError(f"{num_rows} training rows give {per_process} per process, fewer than one batch of "
+    raise UserError(f"{num_rows} training rows give {per_process} per process, fewer than one batch of "
                      f"{batch_per_process}: lower batch_size or add data")
   indices = grain.MapDataset.range(num_rows)[index:per_process * count:count]
   ds = indices.shuffle(seed=seed).repeat(None).map(make_row)

@@ -28,12 +28,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from retro_jax import sharding
+from retro_jax import sharding, user_errors
 from retro_jax.checkpoint import hf
 from retro_jax.checkpoint.train_state import TrainCheckpointer
 from retro_jax.models.config import Qwen2Config
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
-from retro_jax.tokenization import Tokenizer, load_tokenizer
+from retro_jax.tokenization import Tokenizer, load_tokenizer_for
 from retro_jax.train import input_pipeline, metrics as metrics_lib, optim
 
 log = logging.getLogger(__name__)
@@ -82,15 +82,21 @@ class Setup:
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Mesh, tokenizer and model config (with master/compute dtypes), before any weights are touched."""
   if not config.workdir:
-    raise ValueError("config.workdir is required (checkpoints, TensorBoard events and the export go there)")
-  if not config.data.train_path:
-    raise ValueError("config.data.train_path is required (a JSONL file of training records)")
-  if config.init not in ("pretrained", "scratch"):
-    raise ValueError(f"config.init must be 'pretrained' or 'scratch', got {config.init!r}")
+    raise user_errors.UserError("config.workdir is not set",
+                                "pass --config.workdir=DIR (checkpoints, TensorBoard events and the export go there)")
+  user_errors.check_input_file(config.data.train_path, "--config.data.train_path")
+  if config.data.eval_path:
+    user_errors.check_input_file(config.data.eval_path, "--config.data.eval_path")
+  user_errors.check_choice("--config.init", config.init, ("pretrained", "scratch"))
+  user_errors.check_choice("--config.remat", config.remat, ("none", "dots", "full"))
+  user_errors.check_choice("--config.optim.decay", config.optim.decay, ("cosine", "linear", "constant"))
+  if config.init == "pretrained":
+    user_errors.check_model_dir(config.model_dir, "--config.model_dir")
   base_dir = config.tokenizer_dir or config.model_dir
   if not base_dir:
-    raise ValueError("config.model_dir (or config.tokenizer_dir for init='scratch') is required")
-  tokenizer = load_tokenizer(base_dir, template=config.chat_template)
+    raise user_errors.UserError("no tokenizer: config.model_dir and config.tokenizer_dir are both empty",
+                                "pass --config.tokenizer_dir=DIR (init='scratch') or --config.model_dir=DIR")
+  tokenizer = load_tokenizer_for(base_dir, config)
   if config.init == "pretrained":
     model_config = Qwen2Config.from_pretrained(config.model_dir, param_dtype=config.param_dtype,
                                                dtype=config.compute_dtype)
