@@ -20,8 +20,9 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
+
+from retro_jax.user_errors import UserError, check_model_dir
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny_reasoner")
 NAMES = ("base", "control", "revised")  # control: SFT on unrevised traces; revised: SFT on Retro-Search output
@@ -100,15 +101,16 @@ def retro_search(config: DemoConfig, traces_path: str, generator, tokenizer, gra
 
 def correct_originals(search_path: str) -> list[dict]:
   """The Retro-Search records of correct original traces (revised or left unchanged): what both SFT arms train on
-  and what the search's effect is measured over."""
-  from retro_jax.search.runner import read_jsonl
+  and what the search's effect is measured over. The selection is `sft`'s own (`data.read_training_records`)."""
+  from retro_jax.train import data
 
-  return [r for r in read_jsonl(search_path) if r["status"] in ("revised", "unchanged")]
+  return data.read_training_records(search_path, ("question", "trace", "revised_trace"),
+                                    statuses=data.CORRECT_STATUSES, closed_field="revised_trace")[0]
 
 
 def sft_datasets(config: DemoConfig, records: list[dict]) -> dict[str, str]:
   """The correct originals, once with their revised trace and once as written."""
-  from retro_jax.tasks.arithmetic import write_jsonl
+  from retro_jax.jsonl import write_jsonl
 
   paths = {}
   for name, field in (("revised", "revised_trace"), ("control", "trace")):
@@ -207,7 +209,7 @@ def write_report(config: DemoConfig, effect: dict, summaries: dict[str, dict], w
   return result
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(UserError):
   """The output folder holds stages of a demo run with other settings."""
 
 
@@ -221,8 +223,8 @@ def claim_output(config: DemoConfig) -> None:
     changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if changed:
       described = ", ".join(f"{k}: {before!r} there, {now!r} now" for k, (before, now) in changed.items())
-      raise SettingsMismatch(f"{config.output!r} holds a demo run with other settings ({described}); pass another "
-                             "--output, or delete that folder to start over")
+      raise SettingsMismatch(f"{config.output!r} holds a demo run with other settings ({described})",
+                             "pass another --output, or delete that folder to start over")
     return
   os.makedirs(config.output, exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
@@ -231,11 +233,10 @@ def claim_output(config: DemoConfig) -> None:
 
 def run_demo(config: DemoConfig) -> dict:
   from retro_jax.grading import Grader
-  from retro_jax.search.runner import read_jsonl
+  from retro_jax.jsonl import read_jsonl
   from retro_jax.tokenization import load_tokenizer
 
-  if not os.path.exists(os.path.join(config.model_dir, "model.safetensors")):
-    raise FileNotFoundError(f"no tiny reasoner at {config.model_dir!r}: run `retro-jax build-tiny-reasoner`")
+  check_model_dir(config.model_dir)
   start = time.time()
   claim_output(config)
   paths = write_problems(config)
@@ -250,7 +251,8 @@ def run_demo(config: DemoConfig) -> dict:
     originals = correct_originals(revised)
     effect = search_effect(originals)
     if not effect["traces"]:
-      raise RuntimeError("the base model wrote no correct trace: nothing to revise (is the model the tiny reasoner?)")
+      raise UserError("the base model wrote no correct trace: nothing to revise",
+                      "run the demo with the tiny reasoner (the default --model)")
     data = sft_datasets(config, originals)
     models = {"base": config.model_dir}
     for step, name in ((3, "revised"), (3, "control")):
@@ -273,11 +275,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of every stage")
   args = parser.parse_args(argv)
   make = DemoConfig.quick if args.quick else DemoConfig
-  try:
-    result = run_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
-  except (FileNotFoundError, SettingsMismatch) as e:
-    print(f"retro-jax demo: {e}", file=sys.stderr)
-    return 2
+  result = run_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
   missed = [name for name, ok in result["checks"].items() if not ok]
   print(f"report: {os.path.join(args.output, 'report.md')}"
         + (f"\n(expected result not reached: {'; '.join(missed)})" if missed and not args.quick else ""))
