@@ -55,7 +55,7 @@ def test_full_mode_accepts_a_shorter_correct_rollout():
   assert (output["thoughts_before"], output["thoughts_after"]) == (3, 1)
   assert output["tokens_after"] == len(output["revised_trace"])
   # The new suffix has no thought switch, so boundary 4 of the old trace is never tried.
-  assert output["boundaries_tried"] == 1 and output["rollouts"] == 1
+  assert output["boundaries_tried"] == 1 and output["num_rollouts"] == 1
   assert output["tokens_generated"] == len(SHORT_RIGHT)
   assert [ScriptedGenerator({}).decode(r.prompt_tokens) for r in requests] == [prompt_at(2)]
 
@@ -92,7 +92,7 @@ def test_ties_between_candidates_go_to_the_shortest():
   output, requests = search({prompt_at(2): candidates}, rollouts_per_boundary=4)
   assert requests[0].n == 4
   assert output["revised_trace"] == kept(2) + rollout("So 5.")
-  assert output["rollouts"] == 4
+  assert output["num_rollouts"] == 4
   assert output["tokens_generated"] == sum(map(len, candidates))
 
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import retro_jax.cli
 from retro_jax.search import cli, generate, runner
 from retro_jax.search.retro_search import SearchConfig
 from tests.fakes import ExactGrader, ScriptedGenerator, render, synthetic_records, synthetic_rollout
@@ -87,17 +88,18 @@ def test_malformed_lines_become_error_records(tmp_path):
   summary, _ = search_file(input_path, tmp_path / "out.jsonl", config=SearchConfig(max_prompt_tokens=200))
   records = {r["id"]: r for r in map(json.loads, output_lines(tmp_path / "out.jsonl"))}
   reasons = {record_id: r.get("reason") for record_id, r in records.items() if r["status"] == "error"}
-  assert reasons["row-1"].startswith("not JSON")
-  assert reasons["row-2"] == "record is not a JSON object"
+  assert reasons["row-1"].startswith("line 2: not JSON")
+  assert reasons["row-2"] == "line 3: not a JSON object"
   assert reasons["no_trace"] == "missing field 'trace'"
   assert reasons["empty"] == "empty trace"
-  assert "</think>" in reasons["unclosed"]
+  # Correctness comes first: an unclosed trace without an answer is incorrect, so it is skipped, with the reason.
+  assert records["unclosed"]["status"] == "skipped_incorrect" and "</think>" in records["unclosed"]["reason"]
   assert reasons["row-7"] == "field 'id' is not a string or an integer"
   assert "max_prompt_tokens" in reasons["long"]
   assert records["r0"]["question"] == good[0]["question"]  # the first of two records with one id is kept
   assert records["r1"]["status"] != "error"
   assert len(records) == len(output_lines(tmp_path / "out.jsonl")) == 9
-  assert summary["error"] == 7 and summary["duplicate_ids_skipped"] == 1
+  assert summary["error"] == 6 and summary["duplicate_ids_skipped"] == 1
 
 
 def test_field_mapping_with_nested_paths(tmp_path):
@@ -215,10 +217,11 @@ def test_parse_config_flags_and_shortcuts():
 def test_cli_usage_and_errors(capsys):
   assert cli.search_main(["--help"]) == 0
   assert "rollouts_per_boundary: 1" in capsys.readouterr().out
-  assert cli.generate_main(["--input=in.jsonl"]) == 2
-  assert "--output, --model required" in capsys.readouterr().err
-  assert cli.search_main(["--no_such_flag=1"]) == 2
-  assert cli.search_main(["--config.search.no_such_key=1"]) == 2
+  assert retro_jax.cli.main(["generate", "--input=in.jsonl"]) == 2
+  assert capsys.readouterr().err == ("retro-jax generate: --output, --model not given; pass them as flags or set "
+                                     "them in the config\n")
+  assert retro_jax.cli.main(["search", "--no_such_flag=1"]) == 2
+  assert "Unknown command line flag 'no_such_flag'" in capsys.readouterr().err
 
 
 def test_config_file(tmp_path):

@@ -119,13 +119,13 @@ def load_records(config: ml_collections.ConfigDict,
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Checks the settings and loads the benchmarks (first, so a mistake fails before the model loads), then the
   tokenizer and the model, and evaluates the good records; returns the summary."""
-  user_errors.check_model_dir(config.model)
   try:
     settings = eval_config(config)
   except ValueError as error:
     raise UserError(f"--config.eval: {error}", "fix that value (`--help` prints the defaults)") from None
   bad: list[dict] = []
   records = load_records(config, bad)
+  user_errors.check_model_dir(config.model)
   for record in bad:
     print(f"{PROG}: left out {record['reason']}", file=sys.stderr)
   if not any(records.values()):
