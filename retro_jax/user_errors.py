@@ -60,11 +60,15 @@ def check_model_dir(path: str, option: str = "--model") -> None:
 
 
 def check_input_file(path: str, option: str = "--input") -> None:
+  """A JSONL input that exists and holds at least one non-blank line (an empty file is a wrong path, usually)."""
   if not path:
     raise UserError(f"{option} is not set", f"pass {option} FILE.jsonl")
   if not os.path.isfile(path):
     what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
     raise UserError(f"input file {path!r} {what}", f"check {option}")
+  with open(path, encoding="utf-8", errors="replace") as file:
+    if not any(line.strip() for line in file):
+      raise UserError(f"input file {path!r} is empty (no records)", f"check {option}")
 
 
 def check_output_file(path: str, option: str = "--output") -> None:
