@@ -96,6 +96,20 @@ def test_ties_between_candidates_go_to_the_shortest():
   assert output["tokens_generated"] == sum(map(len, candidates))
 
 
+def test_keep_rollouts_writes_every_rollout_with_its_grade():
+  long_right = rollout("Then 1.", "Then 2.", "Then 3.", "Then 4.", "Then 5.")  # correct, but 2 + 5 steps cannot beat 6
+  candidates = [SHORT_WRONG, long_right, SHORT_RIGHT, "So it never closes"]
+  output, _ = search({prompt_at(2): candidates}, rollouts_per_boundary=4, keep_rollouts=True)
+  assert output["revised_trace"] == kept(2) + SHORT_RIGHT
+  log = [(r["boundary"], r["text"], r["tokens"], r["correct"], r["could_win"], r["accepted"])
+         for r in output["rollouts"]]
+  assert log == [(2, SHORT_WRONG, len(SHORT_WRONG), False, True, False),
+                 (2, long_right, len(long_right), True, False, False),  # graded only for the log
+                 (2, SHORT_RIGHT, len(SHORT_RIGHT), True, True, True),
+                 (2, "So it never closes", 18, False, False, False)]
+  assert "rollouts" not in search({prompt_at(2): candidates}, rollouts_per_boundary=4)[0]  # off by default
+
+
 @pytest.mark.parametrize("unit,winner", [("steps", 0), ("tokens", 1)])
 def test_value_unit_decides_between_fewer_steps_and_fewer_tokens(unit, winner):
   one_long_step = rollout("So, after a long and careful computation of every term, the total is five.")

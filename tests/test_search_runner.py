@@ -22,8 +22,8 @@ def write_jsonl(path, records):
   return str(path)
 
 
-def search_file(input_path, output_path, slots=4, in_flight=8, **options):
-  generator = ScriptedGenerator(synthetic_rollout, slots=slots)
+def search_file(input_path, output_path, slots=4, in_flight=8, max_seq_len=None, **options):
+  generator = ScriptedGenerator(synthetic_rollout, slots=slots, max_seq_len=max_seq_len)
   rows, total = runner.open_input(input_path)
   summary = runner.run_search(rows, generator=generator, render_prompt=render, grader=ExactGrader(),
                               output_path=str(output_path), max_records_in_flight=in_flight, total=total,
@@ -127,6 +127,27 @@ def test_resume_skips_finished_ids_and_drops_a_cut_line(tmp_path):
   prompts = [generator.decode(r.prompt_tokens) for r in generator.requests]
   assert not any(p.split("Question: ")[1].split(" ")[0] in done_first for p in prompts)
   assert sorted(output_lines(out)) == sorted(output_lines(tmp_path / "reference.jsonl"))
+
+
+def test_sequence_limit_errors_long_prompts_clamps_budgets_and_a_resume_reruns_them(tmp_path):
+  records = synthetic_records(6)
+  records[4]["question"] += " padding" * 40  # a prompt of ~350 characters (one token each)
+  input_path = write_jsonl(tmp_path / "in.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  summary, generator = search_file(input_path, out, max_seq_len=300)
+  first = {r["id"]: r for r in map(json.loads, output_lines(out))}
+  assert first["r4"]["status"] == "error" and first["r4"]["retry_on_resume"]
+  assert "does not fit engine.max_seq_len=300" in first["r4"]["reason"]
+  # Every rollout budget (suffix + 256 allowance) is cut to what fits after its prompt, and counted.
+  assert all(len(r.prompt_tokens) + r.max_new_tokens <= 300 for r in generator.requests)
+  assert summary["budgets_clamped"] == sum(r["budgets_clamped"] for r in first.values() if r["status"] != "error")
+  assert summary["budgets_clamped"] > 0 and summary["errors_too_long"] == 1
+  # A resume with a larger limit runs the over-long record, and only that one.
+  summary, generator = search_file(input_path, out, max_seq_len=4096)
+  second = {r["id"]: r for r in map(json.loads, output_lines(out))}
+  assert second["r4"]["status"] != "error" and summary["errors_too_long"] == 0
+  assert {k: v for k, v in second.items() if k != "r4"} == {k: v for k, v in first.items() if k != "r4"}
+  assert {generator.decode(r.prompt_tokens).split(" ")[1] for r in generator.requests} == {"q4:"}
 
 
 def test_kill_and_resume_gives_the_records_of_an_uninterrupted_run(tmp_path):
