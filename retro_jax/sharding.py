@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -86,12 +87,6 @@ def check_divisible(name: str, shape: Sequence[int], logical_axes: Sequence[str 
           + ("Tensor parallelism is bounded by the number of KV heads." if axis == "kv_heads" else ""))
 
 
-def logical_axes_of(state: nnx.State) -> Any:
-  """The `axes` metadata of every Variable in an nnx state (None where a variable has none)."""
-  return jax.tree.map(lambda v: v.get_metadata().get("axes"), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> Any:
   """NamedSharding per variable of `state` (abstract or concrete), checking divisibility with clear errors."""
   def one(path, variable):
@@ -108,6 +103,8 @@ def array_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mes
   return NamedSharding(mesh, rules.spec(logical_axes))
 
 
+_log = logging.getLogger(__name__)
+_DROPPED_CONSTRAINTS: set[tuple] = set()  # layouts already warned about (constrain)
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar(
     "retro_jax_sharding", default=None)
 
@@ -123,12 +120,27 @@ def use_rules(mesh: Mesh, rules: ShardingRules):
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op outside `use_rules` (single device, tests)."""
+  """with_sharding_constraint by logical names; a no-op outside `use_rules` (single device, tests).
+
+  A dimension that does not divide its mesh axes (a prefill of one prompt on a data axis of 4) cannot be
+  constrained, so the whole constraint is left to XLA rather than failing. That is also how a real layout
+  mistake would look (a vocab that does not split over "tensor"), so the first drop of each logical layout on
+  each mesh is logged as a warning.
+  """
   active = _ACTIVE.get()
   if active is None:
     return x
   mesh, rules = active
   spec = rules.spec(logical_axes)
-  if any(dim % _axis_size(mesh, axes) for dim, axes in zip(x.shape, spec)):
-    return x  # e.g. a batch of 1 on a data axis of 4: let XLA choose rather than fail
+  uneven = tuple((axis, dim, axes) for axis, dim, axes in zip(logical_axes, x.shape, spec)
+                 if dim % _axis_size(mesh, axes))
+  if uneven:
+    key = (tuple(logical_axes), tuple(axis for axis, _, _ in uneven), tuple(mesh.shape.items()), rules.name)
+    if key not in _DROPPED_CONSTRAINTS:
+      _DROPPED_CONSTRAINTS.add(key)
+      what = ", ".join(f"{axis!r} of size {dim} over {axes!r} ({_axis_size(mesh, axes)} ways)"
+                       for axis, dim, axes in uneven)
+      _log.warning("sharding constraint %s dropped (%s rules, mesh %s): %s does not divide; XLA chooses the "
+                   "layout (logged once per layout)", tuple(logical_axes), rules.name, dict(mesh.shape), what)
+    return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

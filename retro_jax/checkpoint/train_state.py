@@ -17,7 +17,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,3 @@ class TrainCheckpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a concrete pytree, the restore target orbax needs."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -64,10 +64,6 @@ class ResultTokens:
     return cls(data=data, tokens_idx=(0, steps), valid_idx=(steps, 2 * steps),
                length_idx=(2 * steps, 2 * steps + 1), logprob_idx=(2 * steps + 1, 3 * steps + 1))
 
-  def copy_to_host_async(self) -> None:
-    if isinstance(self.data, jax.Array):
-      self.data.copy_to_host_async()
-
   def convert_to_numpy(self) -> ResultTokens:
     return self.replace(data=np.asarray(self.data))
 
