@@ -41,6 +41,6 @@ def view_main(argv: Sequence[str] = ()) -> int:
         + (f", records' data in {summary.data_dir} ({summary.chunks} files)" if summary.data_dir else "")
         + f"; built in {summary.build_seconds:.1f} s")
   if summary.unreadable_lines:
-    print(f"{PROG}: {summary.unreadable_lines} lines of {args.input} are not JSON; the report lists them as "
+    print(f"{PROG}: {summary.unreadable_lines} line(s) of {args.input} are not JSON; the report lists them as "
           "'unreadable'", file=sys.stderr)
   return 0
