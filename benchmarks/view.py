@@ -118,7 +118,8 @@ def main() -> None:
   write_synthetic_output(source, args.records, args.trace_tokens)
   result = {
       "benchmark": "view",
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "chromium": _chromium_version()},
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "chromium": _chromium_version(),
+                  "load_average_at_start": os.getloadavg()},
       "versions": {"python": platform.python_version()},
       "settings": {"records": args.records, "trace_tokens": args.trace_tokens, "chars_per_token": CHARS_PER_TOKEN,
                    "chunk_bytes": report.CHUNK_BYTES, "max_inline_bytes": report.DEFAULT_MAX_INLINE_BYTES,
@@ -142,6 +143,7 @@ def main() -> None:
     one = report.build_report(source, single, max_inline_bytes=built.data_bytes + 1)
     result["single_file"] = {"seconds": round(one.build_seconds, 2), "html_bytes": one.html_bytes,
                              "browser": [_browser_load(single, ""), _browser_load(single, "sort=tokens_saved")]}
+  result["machine"]["load_average_at_end"] = os.getloadavg()  # other work on the machine slows every figure
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as file:
     json.dump(result, file, indent=2)
