@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["retro_jax", "retro_jax.*"]),
-    package_data={"retro_jax": ["assets/tiny_reasoner/*.json", "assets/tiny_reasoner/*.safetensors"]},
+    package_data={"retro_jax": ["assets/tiny_reasoner/*.json", "assets/tiny_reasoner/*.safetensors",
+                              "view/static/*.css", "view/static/*.js"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.6",

@@ -6,7 +6,8 @@ The five stages are the real code paths a TPU pod runs, in miniature:
 3. sft:      fine-tune the tiny reasoner on the revised traces, and, as the control, on the same correct
              traces unrevised (same steps, same seed: the only difference is the revision);
 4. eval:     the base, control and revised-SFT models on held-out problems (greedy and k samples);
-5. report:   the comparison table (accuracy, mean tokens, thought switches), markdown and PNG plots.
+5. report:   the comparison table (accuracy, mean tokens, thought switches), markdown and PNG plots, and the
+             search's trace-by-trace HTML report (`retro-jax view`) in search/report.html.
 
 Every stage writes its files under `--output` and is skipped when its result is already there, so a killed
 demo resumes where it stopped (generate, search and eval also resume inside a stage). The settings are kept in
@@ -106,6 +107,15 @@ def correct_originals(search_path: str) -> list[dict]:
 
   return data.read_training_records(search_path, ("question", "trace", "revised_trace"),
                                     statuses=data.CORRECT_STATUSES, closed_field="revised_trace")[0]
+
+
+def write_trace_report(config: DemoConfig, search_path: str) -> str:
+  """The search's HTML report (`retro-jax view`): what each revision cut and what it wrote instead."""
+  from retro_jax.view.report import build_report
+
+  path = os.path.join(config.output, "search", "report.html")
+  build_report(search_path, path, title=f"Retro-Search on the tiny reasoner (demo seed {config.seed})")
+  return path
 
 
 def sft_datasets(config: DemoConfig, records: list[dict]) -> dict[str, str]:
@@ -263,7 +273,7 @@ def run_demo(config: DemoConfig) -> dict:
     for name in NAMES:
       _log(f"4/5 evaluating {name} on {len(problems)} held-out problems")
       summaries[name] = evaluate_model(config, name, models[name], problems, grader)
-  _log("5/5 report")
+  _log(f"5/5 report (traces: {write_trace_report(config, revised)})")
   return write_report(config, effect, summaries, time.time() - start)
 
 

@@ -41,7 +41,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
   assert demo.main(["--quick", "--output", out]) == 0
   for path in ("task/train.jsonl", "generate/traces.jsonl", "search/revised.jsonl", "sft/revised/export/config.json",
                "sft/control/export/model.safetensors", "eval/base/summary.json", "eval/revised/summary.json",
-               "report.md", "demo_summary.json", "comparison.md", "comparison_accuracy_vs_length.png"):
+               "report.md", "search/report.html", "demo_summary.json", "comparison.md", "comparison_accuracy_vs_length.png"):
     assert os.path.exists(os.path.join(out, path)), path
   with open(os.path.join(out, "demo_summary.json")) as f:
     summary = json.load(f)

@@ -366,6 +366,7 @@ def run_search(rows: Iterable[InputRow], *, generator: TextGenerator, render_pro
     jobs = _search_jobs(rows, writer, context, render_prompt, grader, fields, stats)
     drive_jobs(jobs, generator, on_finished, max_records_in_flight)
   summary = summarize_search(output_path, stats, grader.counts)
+  summary["search_config"] = {**dataclasses.asdict(config), "keywords": list(config.keywords)}  # for `view`
   jsonl.write_json(summary_path or default_summary_path(output_path), summary)
   print(format_table("retro-search", summary))
   return summary
