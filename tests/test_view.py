@@ -112,11 +112,17 @@ def searched(tmp_path_factory):
   return root, output, page
 
 
-def test_report_in_chromium_counts_boundaries_and_escaping(searched):
-  _, output, page = searched
+@pytest.fixture(scope="module")
+def full_view(searched):
+  """The whole report on one page, as Chromium renders it."""
+  return rendered(searched[2], "per=100")
+
+
+def test_report_in_chromium_counts_boundaries_and_escaping(searched, full_view):
+  output = searched[1]
   statuses = {status: sum(r["status"] == status for r in output) for status in {r["status"] for r in output}}
   assert statuses.get("revised", 0) >= 1 and statuses["skipped_incorrect"] == 1 and statuses["error"] == 1
-  dom = rendered(page, "per=100")
+  dom = full_view
   assert dom.find_all("title")[0].text().startswith("Retro-Search report")  # the hostile trace ran nothing
   buttons = {b.attrs["data-status"]: int(b.find_all("b")[0].text()) for b in dom.find_all("button", "status-count")}
   assert buttons == statuses
@@ -170,19 +176,19 @@ def test_filter_search_sort_and_permalink_in_chromium(searched):
   assert articles[0].find_all("a", "permalink")[0].attrs["href"] == "#record=" + target.replace("#", "%23")
 
 
-def test_records_out_of_line_load_the_same_in_chromium(searched, tmp_path):
+def test_records_out_of_line_load_the_same_in_chromium(searched, full_view, tmp_path):
   root, _, page = searched
   split = str(tmp_path / "split.html")
   summary = report.build_report(str(root / "search.jsonl"), split, max_inline_bytes=0)
   assert summary.data_dir and os.listdir(summary.data_dir) == ["chunk-000000.js"]
   assert os.path.getsize(split) < os.path.getsize(page)
-  inline_ids = [a.attrs["data-id"] for a in rendered(page, "per=100").find_all("article")]
+  inline_ids = [a.attrs["data-id"] for a in full_view.find_all("article")]
   split_dom = rendered(split, "per=100")
   assert [a.attrs["data-id"] for a in split_dom.find_all("article")] == inline_ids
   assert split_dom.find_all("span", "accepted")
 
 
-def test_tree_output_renders_as_an_outline_in_chromium(tmp_path):
+def test_tree_output_and_kept_rollouts_render_in_chromium(tmp_path):
   nodes = [{"id": 0, "parent": None, "type": "base", "text": "What is 2 + 3 * 4?", "visits": 4, "total_reward": 3,
             "depth": 0},
            {"id": 1, "parent": 0, "type": "sub_task", "text": "Firstly, multiply.", "visits": 3, "total_reward": 3,
@@ -193,11 +199,19 @@ def test_tree_output_renders_as_an_outline_in_chromium(tmp_path):
             "total_reward": 3, "depth": 2}]
   tree = {"id": "t1", "question": "What is 2 + 3 * 4?", "answer": "14", "rollouts": 4, "status": "solved",
           "nodes": nodes}
+  kept = {"id": "s1", "question": "q", "answer": "2", "status": "unchanged", "accepted_boundaries": [],
+          "trace": "<think>\nA\n\nWait, B\n</think>\n\n\\boxed{2}", "rollouts": [
+              {"boundary": 1, "text": "C </think> \\boxed{3}", "tokens": 7, "correct": False},
+              {"boundary": 1, "text": "D <i>", "tokens": 4, "correct": True}]}
   path = tmp_path / "trees.jsonl"
-  path.write_text(json.dumps(tree) + "\n")
+  path.write_text(json.dumps(tree) + "\n" + json.dumps(kept) + "\n")
   summary = report.build_report(str(path), str(tmp_path / "trees.html"))
-  assert summary.statuses == {"solved": 1}
+  assert summary.statuses == {"solved": 1, "unchanged": 1}
   dom = rendered(str(tmp_path / "trees.html"))
+  items = dom.find_all("article", data_id="s1")[0].find_all("li")
+  assert [[b.text() for b in li.find_all("span", "badge")] for li in items] == [
+      ["boundary: 1", "tokens: 7", "correct: false"], ["boundary: 1", "tokens: 4", "correct: true"]]
+  assert [li.find_all("pre")[0].text() for li in items] == ["C </think> \\boxed{3}", "D <i>"]
   article = dom.find_all("article")[0]
   assert article.attrs["data-kind"] == "tree"
   outline = {int(d.attrs["data-node"]): d for d in article.find_all("details", "node")}
