@@ -9,7 +9,7 @@ from retro_jax import cli as retro_cli
 from retro_jax import demo
 from retro_jax.search import runner
 from retro_jax.tasks import arithmetic
-from retro_jax.view import browser, records, report
+from retro_jax.view import browser, histogram, records, report
 
 # A trace that would run script if the page parsed record text as HTML, and would close the page's data
 # element if the embedded JSON kept its "<".
@@ -237,6 +237,7 @@ def test_segmentation_of_a_revised_record_and_savings():
   rows = {row["label"]: (row["records"], row["mean"], row["median"]) for row in stats.savings()}
   assert rows == {"tokens saved, all searched": (2, 2.0, 2.0), "steps saved, all searched": (2, 0.5, 0.5),
                   "tokens saved, revised": (1, 4.0, 4), "steps saved, revised": (1, 1.0, 1)}
+  assert histogram.bin_counts([0, 1, 4.9, 5, 9, 12], low=0, width=5, bins=2) == [3, 3]  # the top bin takes the rest
 
 
 def test_cli_bad_input(tmp_path, capsys):
