@@ -164,6 +164,17 @@ def test_filter_search_sort_and_permalink_in_chromium(searched):
   dom = rendered(page, "status=revised&sort=tokens_saved")
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == [r["id"] for r in revised]
   assert dom.find_all("body")[0].attrs["data-matching"] == str(len(revised))
+  # The same view reached by clicking: the header's "revised" count, then the sort menu.
+  clicking = page.replace(".html", "_clicks.html")
+  with open(page, encoding="utf-8") as source, open(clicking, "w", encoding="utf-8") as target:
+    target.write(source.read().replace("</body>", """<script>
+      document.querySelector('button.status-count[data-status="revised"]').click();
+      const sort = document.getElementById("sort");
+      sort.value = "tokens_saved";
+      sort.dispatchEvent(new Event("change"));
+    </script></body>"""))
+  dom = rendered(clicking)
+  assert [a.attrs["data-id"] for a in dom.find_all("article")] == [r["id"] for r in revised]
   dom = rendered(page, "status=unchanged,error&per=3&page=2")
   expected = [str(r["id"]) for r in output if r["status"] in ("unchanged", "error")][3:6]
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == expected
