@@ -9,7 +9,7 @@ from retro_jax import cli as retro_cli
 from retro_jax import demo
 from retro_jax.search import runner
 from retro_jax.tasks import arithmetic
-from retro_jax.view import browser, records, report
+from retro_jax.view import browser, histogram, records, report
 
 # A trace that would run script if the page parsed record text as HTML, and would close the page's data
 # element if the embedded JSON kept its "<".
@@ -112,11 +112,17 @@ def searched(tmp_path_factory):
   return root, output, page
 
 
-def test_report_in_chromium_counts_boundaries_and_escaping(searched):
-  _, output, page = searched
+@pytest.fixture(scope="module")
+def full_view(searched):
+  """The whole report on one page, as Chromium renders it."""
+  return rendered(searched[2], "per=100")
+
+
+def test_report_in_chromium_counts_boundaries_and_escaping(searched, full_view):
+  output = searched[1]
   statuses = {status: sum(r["status"] == status for r in output) for status in {r["status"] for r in output}}
   assert statuses.get("revised", 0) >= 1 and statuses["skipped_incorrect"] == 1 and statuses["error"] == 1
-  dom = rendered(page, "per=100")
+  dom = full_view
   assert dom.find_all("title")[0].text().startswith("Retro-Search report")  # the hostile trace ran nothing
   buttons = {b.attrs["data-status"]: int(b.find_all("b")[0].text()) for b in dom.find_all("button", "status-count")}
   assert buttons == statuses
@@ -158,6 +164,17 @@ def test_filter_search_sort_and_permalink_in_chromium(searched):
   dom = rendered(page, "status=revised&sort=tokens_saved")
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == [r["id"] for r in revised]
   assert dom.find_all("body")[0].attrs["data-matching"] == str(len(revised))
+  # The same view reached by clicking: the header's "revised" count, then the sort menu.
+  clicking = page.replace(".html", "_clicks.html")
+  with open(page, encoding="utf-8") as source, open(clicking, "w", encoding="utf-8") as target:
+    target.write(source.read().replace("</body>", """<script>
+      document.querySelector('button.status-count[data-status="revised"]').click();
+      const sort = document.getElementById("sort");
+      sort.value = "tokens_saved";
+      sort.dispatchEvent(new Event("change"));
+    </script></body>"""))
+  dom = rendered(clicking)
+  assert [a.attrs["data-id"] for a in dom.find_all("article")] == [r["id"] for r in revised]
   dom = rendered(page, "status=unchanged,error&per=3&page=2")
   expected = [str(r["id"]) for r in output if r["status"] in ("unchanged", "error")][3:6]
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == expected
@@ -170,19 +187,19 @@ def test_filter_search_sort_and_permalink_in_chromium(searched):
   assert articles[0].find_all("a", "permalink")[0].attrs["href"] == "#record=" + target.replace("#", "%23")
 
 
-def test_records_out_of_line_load_the_same_in_chromium(searched, tmp_path):
+def test_records_out_of_line_load_the_same_in_chromium(searched, full_view, tmp_path):
   root, _, page = searched
   split = str(tmp_path / "split.html")
   summary = report.build_report(str(root / "search.jsonl"), split, max_inline_bytes=0)
   assert summary.data_dir and os.listdir(summary.data_dir) == ["chunk-000000.js"]
   assert os.path.getsize(split) < os.path.getsize(page)
-  inline_ids = [a.attrs["data-id"] for a in rendered(page, "per=100").find_all("article")]
+  inline_ids = [a.attrs["data-id"] for a in full_view.find_all("article")]
   split_dom = rendered(split, "per=100")
   assert [a.attrs["data-id"] for a in split_dom.find_all("article")] == inline_ids
   assert split_dom.find_all("span", "accepted")
 
 
-def test_tree_output_renders_as_an_outline_in_chromium(tmp_path):
+def test_tree_output_and_kept_rollouts_render_in_chromium(tmp_path):
   nodes = [{"id": 0, "parent": None, "type": "base", "text": "What is 2 + 3 * 4?", "visits": 4, "total_reward": 3,
             "depth": 0},
            {"id": 1, "parent": 0, "type": "sub_task", "text": "Firstly, multiply.", "visits": 3, "total_reward": 3,
@@ -193,11 +210,19 @@ def test_tree_output_renders_as_an_outline_in_chromium(tmp_path):
             "total_reward": 3, "depth": 2}]
   tree = {"id": "t1", "question": "What is 2 + 3 * 4?", "answer": "14", "rollouts": 4, "status": "solved",
           "nodes": nodes}
+  kept = {"id": "s1", "question": "q", "answer": "2", "status": "unchanged", "accepted_boundaries": [],
+          "trace": "<think>\nA\n\nWait, B\n</think>\n\n\\boxed{2}", "rollouts": [
+              {"boundary": 1, "text": "C </think> \\boxed{3}", "tokens": 7, "correct": False},
+              {"boundary": 1, "text": "D <i>", "tokens": 4, "correct": True}]}
   path = tmp_path / "trees.jsonl"
-  path.write_text(json.dumps(tree) + "\n")
+  path.write_text(json.dumps(tree) + "\n" + json.dumps(kept) + "\n")
   summary = report.build_report(str(path), str(tmp_path / "trees.html"))
-  assert summary.statuses == {"solved": 1}
+  assert summary.statuses == {"solved": 1, "unchanged": 1}
   dom = rendered(str(tmp_path / "trees.html"))
+  items = dom.find_all("article", data_id="s1")[0].find_all("li")
+  assert [[b.text() for b in li.find_all("span", "badge")] for li in items] == [
+      ["boundary: 1", "tokens: 7", "correct: false"], ["boundary: 1", "tokens: 4", "correct: true"]]
+  assert [li.find_all("pre")[0].text() for li in items] == ["C </think> \\boxed{3}", "D <i>"]
   article = dom.find_all("article")[0]
   assert article.attrs["data-kind"] == "tree"
   outline = {int(d.attrs["data-node"]): d for d in article.find_all("details", "node")}
@@ -223,6 +248,7 @@ def test_segmentation_of_a_revised_record_and_savings():
   rows = {row["label"]: (row["records"], row["mean"], row["median"]) for row in stats.savings()}
   assert rows == {"tokens saved, all searched": (2, 2.0, 2.0), "steps saved, all searched": (2, 0.5, 0.5),
                   "tokens saved, revised": (1, 4.0, 4), "steps saved, revised": (1, 1.0, 1)}
+  assert histogram.bin_counts([0, 1, 4.9, 5, 9, 12], low=0, width=5, bins=2) == [3, 3]  # the top bin takes the rest
 
 
 def test_cli_bad_input(tmp_path, capsys):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-WIDTH, HEIGHT = 520, 170
+WIDTH, HEIGHT = 390, 150
 _LEFT, _RIGHT, _TOP, _BOTTOM = 44, 10, 22, 30
 SERIES = (("before", "#8a9bb0"), ("after", "#e07b39"))
 

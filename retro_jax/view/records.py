@@ -116,8 +116,9 @@ def record_id(record: Any, line: int) -> str:
 def index_entry(position: int, line: int, record: Any, kind: str, chunk: int) -> dict:
   """What the page sorts, filters and lists without opening a record's detail: short keys, since the index
   of a 10,000-record output is parsed at load."""
+  status = _text(record.get("status")) if isinstance(record, dict) else "unreadable"
   record = record if isinstance(record, dict) else {}
-  status = _text(record.get("status")) or ("unreadable" if kind == "other" else "none")
+  status = status or "unknown"
   entry = {"n": position, "line": line + 1, "id": record_id(record, line), "kind": kind, "status": status,
            "q": _text(record.get("question"))[:QUESTION_PREVIEW_CHARS], "a": _text(record.get("answer"))[:80],
            "c": chunk}
@@ -134,23 +135,23 @@ class RunStatistics:
   """Counts by status and the length figures of the summary header, gathered one record at a time."""
 
   statuses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   tokens_before: list = dataclasses.field(default_factory=list)
   tokens_after: list = dataclasses.field(default_factory=list)
-  steps_saved: list = dataclasses.field(default_factory=list)
+  steps_before: list = dataclasses.field(default_factory=list)
+  steps_after: list = dataclasses.field(default_factory=list)
   revised_tokens_saved: list = dataclasses.field(default_factory=list)
   revised_steps_saved: list = dataclasses.field(default_factory=list)
 
   def add(self, entry: dict) -> None:
     self.statuses[entry["status"]] += 1
-    self.kinds[entry["kind"]] += 1
     if entry["kind"] != "search" or entry["status"] == "error" or None in (entry["tob"], entry["toa"]):
       return
     self.tokens_before.append(entry["tob"])
     self.tokens_after.append(entry["toa"])
     steps_saved = (entry["stb"] - entry["sta"]) if None not in (entry["stb"], entry["sta"]) else None
     if steps_saved is not None:
-      self.steps_saved.append(steps_saved)
+      self.steps_before.append(entry["stb"])
+      self.steps_after.append(entry["sta"])
     if entry["status"] in ("revised", "recovered"):
       self.revised_tokens_saved.append(entry["tob"] - entry["toa"])
       if steps_saved is not None:
@@ -159,9 +160,9 @@ class RunStatistics:
   def savings(self) -> list[dict]:
     """Mean and median savings in tokens and steps, over every searched record and over the revised ones."""
     tokens_saved = [b - a for b, a in zip(self.tokens_before, self.tokens_after)]
+    steps_saved = [b - a for b, a in zip(self.steps_before, self.steps_after)]
     rows = []
-    for label, values in (("tokens saved, all searched", tokens_saved), ("steps saved, all searched",
-                                                                          self.steps_saved),
+    for label, values in (("tokens saved, all searched", tokens_saved), ("steps saved, all searched", steps_saved),
                           ("tokens saved, revised", self.revised_tokens_saved),
                           ("steps saved, revised", self.revised_steps_saved)):
       rows.append({"label": label, "records": len(values),

@@ -84,10 +84,6 @@ class _ChunkWriter:
     self._bytes = 0
     self._start = 0
 
-  @property
-  def current(self) -> int:
-    return self.count
-
   def add(self, detail: dict) -> None:
     encoded = script_json(detail)
     self._records.append(encoded)
@@ -158,7 +154,9 @@ def _header_html(stats: records.RunStatistics, summary: dict | None, source: str
   if stats.tokens_before:
     parts.append('<div class="figures"><table class="savings"><tr><th></th><th>records</th><th>mean</th>'
                  f'<th>median</th></tr>{savings}</table>'
-                 f'{length_histogram_svg(stats.tokens_before, stats.tokens_after)}</div>')
+                 f'{length_histogram_svg(stats.tokens_before, stats.tokens_after)}'
+                 f'{length_histogram_svg(stats.steps_before, stats.steps_after, unit="steps") if stats.steps_before else ""}'
+                 '</div>')
   if summary is None:
     parts.append(f"<p class=note>No run summary beside {html.escape(source)} "
                  f"({html.escape(os.path.basename(runner.default_summary_path(source)))}).</p>")
@@ -207,7 +205,7 @@ def build_report(input_path: str, output_path: str, *, title: str = "",
     else:
       unreadable += row.error is not None
       detail = records.other_detail(row.data, row.error or "")
-    entry = records.index_entry(len(index), row.index, row.data, kind, chunks.current)
+    entry = records.index_entry(len(index), row.index, row.data, kind, chunks.count)
     chunks.add(detail)
     index.append(entry)
     stats.add(entry)

@@ -110,35 +110,37 @@
 
   // ---- controls ----
 
-  function buildControls(state) {
-    const nav = document.getElementById("controls");
-    nav.replaceChildren();
+  // Built once: rebuilding them on every render would take the focus from the search box while typing.
+  function buildControls() {
     const boxes = el("span", { class: "status-filter" }, "status: ");
     for (const status of statuses) {
-      const box = el("input", { type: "checkbox", value: status, checked: state.status.has(status) });
+      const box = el("input", { type: "checkbox", value: status });
       box.addEventListener("change", () => {
         const next = readState();
         box.checked ? next.status.add(status) : next.status.delete(status);
-        next.page = 1;
-        next.record = null;
+        Object.assign(next, { page: 1, record: null });
         writeState(next);
       });
       boxes.append(el("label", { class: "s-" + status }, box, " " + status + " "));
     }
-    const search = el("input", { type: "search", id: "search", placeholder: "search id, question, answer", value: state.q });
+    const search = el("input", { type: "search", id: "search", placeholder: "search id, question, answer" });
     let timer = null;
     search.addEventListener("input", () => {
       clearTimeout(timer);
-      timer = setTimeout(() => {
-        const next = readState();
-        Object.assign(next, { q: search.value, page: 1, record: null });
-        writeState(next);
-      }, 250);
+      timer = setTimeout(() => writeState(Object.assign(readState(), { q: search.value, page: 1, record: null })), 250);
     });
     const sort = el("select", { id: "sort" });
-    for (const [name, [label]] of Object.entries(SORTS)) sort.append(el("option", { value: name, selected: name === state.sort }, label));
+    for (const [name, [label]] of Object.entries(SORTS)) sort.append(el("option", { value: name }, label));
     sort.addEventListener("change", () => writeState(Object.assign(readState(), { sort: sort.value, page: 1 })));
-    nav.append(boxes, el("label", {}, "search ", search), el("label", {}, "sort ", sort), el("span", { id: "shown-count" }));
+    document.getElementById("controls").append(boxes, el("label", {}, "search ", search), el("label", {}, "sort ", sort),
+      el("span", { id: "shown-count" }));
+  }
+
+  function syncControls(state) {
+    for (const box of document.querySelectorAll(".status-filter input")) box.checked = state.status.has(box.value);
+    const search = document.getElementById("search");
+    if (document.activeElement !== search) search.value = state.q;
+    document.getElementById("sort").value = state.sort;
   }
 
   for (const button of document.querySelectorAll("button.status-count")) {
@@ -273,7 +275,7 @@
   async function render() {
     const ticket = ++renderCount;
     const state = readState();
-    buildControls(state);
+    syncControls(state);
     const entries = selected(state);
     const first = (state.page - 1) * state.per;
     const shown = entries.slice(first, first + state.per);
@@ -300,6 +302,7 @@
     document.body.dataset.renderMs = String(Math.round(performance.now())); // since navigation start
   }
 
+  buildControls();
   window.addEventListener("hashchange", render);
   render();
 })();
