@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from retro_jax.user_errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
 
@@ -47,8 +49,9 @@ SERVE_RULES = ShardingRules("serve", {
     **_COMMON, "embed": None, "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
 
 
-class ShardingError(ValueError):
-  """A mesh layout that cannot split the model evenly (named, instead of a cryptic XLA error)."""
+class ShardingError(UserError):
+  """A mesh layout that cannot split the model evenly (named, instead of a cryptic XLA error): a config the user
+  fixes, so the CLI prints it as one line (a UserError is a ValueError)."""
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
