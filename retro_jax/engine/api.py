@@ -3,7 +3,8 @@
 JetStream (google/JetStream, archived) splits serving into three jitted calls so an orchestrator can keep the
 accelerator busy: `prefill` turns a prompt into a KV prefix and its first token, `insert` copies a prefix into
 one decode slot, and `generate` advances every slot of the decode state together. We keep that split (and the
-names) but not the package: it is archived and pulls TensorFlow (see environment.md).
+names) but not the package: it is archived, its PyPI release pulls in TensorFlow (through seqio), and its
+orchestrator calls `jax.tree_map`, which JAX has removed.
 
 Two extensions, both additive:
 - `generate` runs several decode steps per call, so `ResultTokens` holds `steps` tokens per slot;

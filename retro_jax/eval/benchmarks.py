@@ -1,6 +1,6 @@
 """The benchmark registry: where each evaluation set lives and how its fields map onto `{id, question, answer}`.
 
-The seven math benchmarks of the field (docs/retro_search.md, section 6) live on the HF hub, so each spec names
+The seven math benchmarks of the field (retro_jax/search/README.md, section 6) live on the HF hub, so each spec names
 its dataset id, config and split for online use through `datasets`. The hub is not reachable everywhere (CI,
 TPU VMs behind a firewall), so every benchmark also loads from a local JSONL file. A local file may be an export
 of the hub dataset (`load_dataset(...).to_json(path)`, the hub's own field names) or already hold the canonical

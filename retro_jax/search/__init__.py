@@ -1,4 +1,4 @@
-"""Retro-Search (Lu et al., 2025; docs/retro_search.md): revise reasoning traces at their thought switches.
+"""Retro-Search (Lu et al., 2025; specified in search/README.md): revise reasoning traces at their thought switches.
 
 - `traces`: steps, thoughts and boundaries of a trace (lossless; `<think>` and `<|begin_of_thought|>` styles);
 - `retro_search`: the search of one record as a state machine (`SearchConfig`, `RecordSearch`);

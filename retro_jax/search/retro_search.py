@@ -1,4 +1,4 @@
-"""Retro-Search of one record, as a small state machine (docs/retro_search.md, sections 3 and 4).
+"""Retro-Search of one record, as a small state machine (search/README.md, sections 3 and 4).
 
 `RecordSearch` never calls the model: it hands out one `GenerationRequest` at a time (all rollouts of one
 boundary, as `n` samples) and takes the result back, so a driver can multiplex thousands of records over one
