@@ -13,6 +13,7 @@ import pytest
 from retro_jax.search import runner, tree_runner
 from retro_jax.search.tree import TreeConfig, TreeContext, TreeProblem, TreeSearch, uct_score
 from tests.fakes import ExactGrader, ScriptedGenerator, render
+from tests.test_search_runner import output_lines as lines, write_jsonl
 from tests.tree_fakes import arithmetic_rollout, check_invariants, config, problems, runner_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -123,15 +124,6 @@ def test_config_is_checked():
 
 # ---- the runner ----
 
-def write_jsonl(path, records):
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-  return str(path)
-
-
-def lines(path):
-  return [line for line in pathlib.Path(path).read_text().splitlines() if line]
-
-
 def run_file(input_path, output_path, slots=4, in_flight=8):
   generator = ScriptedGenerator(arithmetic_rollout, slots=slots)
   rows, total = runner.open_input(input_path)
@@ -183,3 +175,31 @@ def test_sigkill_then_resume_gives_the_trees_of_an_uninterrupted_run(tmp_path):
                  capture_output=True)
   assert len({json.loads(line)["id"] for line in lines(out)}) == len(lines(out)) == 40
   assert sorted(lines(out)) == sorted(lines(reference))
+
+
+def test_a_second_model_writes_the_node_types_named_for_it(tmp_path):
+  input_path = write_jsonl(tmp_path / "in.jsonl", problems(6))
+  first = ScriptedGenerator(arithmetic_rollout, slots=2)
+  second = ScriptedGenerator(lambda prompt, index: "second|" if not prompt.endswith("[answer]")
+                             else arithmetic_rollout(prompt, index), slots=2)
+  rows, total = runner.open_input(input_path)
+  tree_config = config(runner_config().action_tree, max_depth=6, max_rollouts=4, thresholds=(3, 6),
+                       second_model_types=("double_check", "thinking_from_scratch"))
+  tree_runner.run_trees(rows, generator=first, second_generator=second, render_prompt=render, grader=ExactGrader(),
+                        output_path=str(tmp_path / "out.jsonl"), config=tree_config, total=total, progress=False)
+  trees = [json.loads(line) for line in lines(tmp_path / "out.jsonl")]
+  for tree in trees:
+    check_invariants(tree, max_depth=6)
+  nodes = [n for tree in trees for n in tree["nodes"]]
+  for node in nodes:
+    if node["type"] in ("double_check", "thinking_from_scratch"):
+      assert node["text"].endswith("]second|")
+    elif node["type"] not in ("base", "reflection"):
+      assert "second" not in node["text"]
+  assert {n["type"] for n in nodes} >= {"double_check", "thinking_from_scratch", "thinking", "answer"}
+  second_prompts = [second.decode(r.prompt_tokens) for r in second.requests]
+  assert second_prompts and all(p.endswith(("[double_check]", "[thinking_from_scratch]")) for p in second_prompts)
+  assert not any(first.decode(r.prompt_tokens).endswith("[double_check]") for r in first.requests)
+  with pytest.raises(ValueError, match="need a second model"):
+    tree_runner.run_trees(iter(()), generator=first, render_prompt=render, grader=ExactGrader(),
+                          output_path=str(tmp_path / "x.jsonl"), config=tree_config, progress=False)

@@ -105,10 +105,15 @@ class TreeConfig:
   top_p: float = 0.95
   top_k: int = 0
   max_prompt_tokens: int = 0
+  second_model_types: tuple[str, ...] = ()  # node types a second model writes ("multi-model collaboration")
   seed: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "thresholds", tuple(self.thresholds))
+    object.__setattr__(self, "second_model_types", tuple(self.second_model_types))
+    unknown = set(self.second_model_types) - set(self.styles)
+    if unknown:
+      raise ValueError(f"second_model_types: {sorted(unknown)} have no thought style")
     if ROOT not in self.action_tree:
       raise ValueError(f"the action tree needs a {ROOT!r} entry")
     for parent, children in self.action_tree.items():
@@ -159,11 +164,18 @@ class TreeProblem:
 
 @dataclasses.dataclass(frozen=True)
 class TreeContext:
-  """What every tree of a run shares: the config, the tokenizer and the grader."""
+  """What every tree of a run shares: the config, the tokenizer and the grader.
+
+  With a second model, its tokenizer encodes the prompts of `config.second_model_types`, and each such request
+  is counted in `second_model_requests` (by content: the driver renumbers request ids) so that
+  `tree_runner.TwoModelGenerator` can send it to that model.
+  """
 
   config: TreeConfig
   encode: Encode
   grade_many: GradeMany
+  second_encode: Encode | None = None
+  second_model_requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,15 +348,20 @@ class TreeSearch:
   def _group_request(self, group: _ChildGroup) -> GenerationRequest:
     style = self._config.styles[group.type]
     prompt = self._problem.prompt_text + self.path_text(group.parent) + style.open + group.prefill
+    second = group.type in self._config.second_model_types
+    encode = self._context.second_encode if second else self._context.encode
     self.requests += 1
-    return GenerationRequest(
-        prompt_tokens=tuple(self._context.encode(prompt)),
+    request = GenerationRequest(
+        prompt_tokens=tuple(encode(prompt)),
         max_new_tokens=self._config.max_node_tokens,
         sampling=self._config.sampling,
         seed=derive_seed(self._config.seed, self._problem.id, f"request-{self.requests}"),
         n=group.count,
         stop_strings=(style.close,) if style.close else (),
     )
+    if second:
+      self._context.second_model_requests[request] += 1
+    return request
 
   def _add_child(self, parent_id: int, node_type: str, text: str, closed: bool, correct: bool | None = None) -> None:
     parent = self.nodes[parent_id]

@@ -22,7 +22,7 @@ from retro_jax import config_cli
 from retro_jax.engine.requests import TextGenerator
 from retro_jax.grading import Grader
 from retro_jax.search import pairs, runner, tree_runner
-from retro_jax.search.cli import _command, _common_config, parse_config  # pylint: disable=protected-access
+from retro_jax.search.cli import _command, _common_config, _load_model, parse_config  # pylint: disable=protected-access
 from retro_jax.search.tree import PAPER_ACTION_TREE, PAPER_STYLES, ThoughtStyle, TreeConfig
 
 
@@ -32,6 +32,7 @@ def default_tree_config() -> ml_collections.ConfigDict:
   del fields["trace"]
   config.fields = ml_collections.ConfigDict(fields)
   config.max_trees_in_flight = 256  # each has one request out: keep it >= the engine's decode slots
+  config.second_model = ""  # model directory writing tree.second_model_types (same engine settings)
   config.tree = tree_section(PAPER_ACTION_TREE, PAPER_STYLES)
   return config
 
@@ -59,13 +60,18 @@ def run_trees_from_config(config: ml_collections.ConfigDict, generator: TextGene
                           render_prompt: Callable[[str], str]) -> dict:
   """The trees as configured, with a given model; returns the run summary."""
   settings = tree_config(config)
+  second = None
+  if config.second_model:
+    second_config = ml_collections.ConfigDict(config.to_dict())
+    second_config.model = config.second_model
+    second = _load_model(second_config)[0]
   rows, total = runner.open_input(config.input, config.hf_split, config.hf_subset)
   with Grader(config.grading.num_workers, config.grading.timeout_s) as grader:
     return tree_runner.run_trees(
         rows, generator=generator, render_prompt=render_prompt, grader=grader, output_path=config.output,
         config=settings, fields=runner.FieldMap(**config.fields.to_dict()), limit=config.limit,
         max_trees_in_flight=config.max_trees_in_flight, total=total, summary_path=config.summary_path or None,
-        progress=config.progress)
+        progress=config.progress, second_generator=second)
 
 
 def tree_main(argv: Sequence[str] = ()) -> int:
@@ -74,8 +80,9 @@ def tree_main(argv: Sequence[str] = ()) -> int:
   if not ("-h" in argv or "--help" in argv):  # checked before the model loads: one line and exit 2
     try:
       config = parse_config(argv, default, prog)
-      tree_config(config)
-      for name in ("input", "model"):
+      if tree_config(config).second_model_types and not config.second_model:
+        raise ValueError("tree.second_model_types names node types for a second model: set --config.second_model")
+      for name in ("input", "model", "second_model"):
         if config[name] and not config[name].startswith("hf:") and not os.path.exists(config[name]):
           raise ValueError(f"--{name} {config[name]!r} does not exist")
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:

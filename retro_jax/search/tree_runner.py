@@ -3,20 +3,75 @@
 The Retro-Search runner's pieces do the work: input rows and field mapping, the resumable writer (a tree is
 written whole when it finishes, so a killed run loses only the trees still growing, and a resumed run grows them
 again from their seeds, identically) and `drive_jobs`, which keeps the decode slots full with node requests of up
-to `max_trees_in_flight` trees.
+to `max_trees_in_flight` trees. With a second model (the paper's "multi-model collaboration"), `TwoModelGenerator`
+serves the node types the config names from it and the rest from the first.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import statistics
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
-from retro_jax.engine.requests import TextGenerator
+from retro_jax.engine.requests import GenerationRequest, GenerationResult, RequestQueue, TextGenerator
 from retro_jax.grading import Grader
 from retro_jax.search import runner
 from retro_jax.search.tree import ANSWER, TreeConfig, TreeContext, TreeProblem, TreeSearch
+
+
+class TwoModelGenerator:
+  """One `TextGenerator` face over two: a request the trees counted in `second_model_requests` goes to `second`,
+  every other one to `first`. The two streams are interleaved, one result at a time; a stream that ran dry is
+  started again when requests for its model arrive. Encoding is the trees' business (each type's prompt is encoded
+  by the tokenizer of the model that writes it), so `encode` / `decode` here are the first model's."""
+
+  def __init__(self, first: TextGenerator, second: TextGenerator, second_model_requests: collections.Counter):
+    self.first, self.second = first, second
+    self._second_requests = second_model_requests
+
+  def encode(self, text: str) -> list[int]:
+    return self.first.encode(text)
+
+  def decode(self, tokens: Sequence[int]) -> str:
+    return self.first.decode(tokens)
+
+  def _model(self, request: GenerationRequest) -> TextGenerator:
+    key = dataclasses.replace(request, request_id=None)
+    if self._second_requests[key] > 0:
+      self._second_requests[key] -= 1
+      return self.second
+    return self.first
+
+  def stream(self, queue: RequestQueue) -> Iterator[GenerationResult]:
+    models = (self.first, self.second)
+    queues = {id(model): RequestQueue() for model in models}
+    streams: dict[int, Iterator[GenerationResult]] = {}
+    while True:
+      while (request := queue.get()) is not None:
+        queues[id(self._model(request))].put(request)
+      if not streams and not any(len(q) for q in queues.values()):
+        return
+      for model in models:
+        key = id(model)
+        if key not in streams and len(queues[key]):
+          streams[key] = model.stream(queues[key])
+        if key in streams:
+          result = next(streams[key], None)
+          if result is None:
+            del streams[key]
+          else:
+            yield result
+
+  def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    routed = [self._model(request) for request in requests]
+    results = {}
+    for model in (self.first, self.second):
+      indices = [i for i, chosen in enumerate(routed) if chosen is model]
+      if indices:
+        results.update(zip(indices, model.generate([requests[i] for i in indices])))
+    return [results[i] for i in range(len(requests))]
 
 
 def _tree_jobs(rows: Iterable[runner.InputRow], writer: runner.ResumableJsonlWriter, context: TreeContext,
@@ -51,13 +106,20 @@ def _tree_jobs(rows: Iterable[runner.InputRow], writer: runner.ResumableJsonlWri
 def run_trees(rows: Iterable[runner.InputRow], *, generator: TextGenerator, render_prompt: Callable[[str], str],
               grader: Grader, output_path: str, config: TreeConfig = TreeConfig(),
               fields: runner.FieldMap = runner.FieldMap(), limit: int = 0, max_trees_in_flight: int = 256,
-              total: int | None = None, summary_path: str | None = None, progress: bool = True) -> dict:
+              total: int | None = None, summary_path: str | None = None, progress: bool = True,
+              second_generator: TextGenerator | None = None) -> dict:
   """Grows a tree for every problem (the first `limit` when > 0) not already in `output_path`; returns the run
-  summary, which is also written as JSON (default: next to the output) and printed as a table."""
+  summary, which is also written as JSON (default: next to the output) and printed as a table.
+  `second_generator` writes the node types in `config.second_model_types` (required when there are any)."""
+  if config.second_model_types and second_generator is None:
+    raise ValueError(f"second_model_types {config.second_model_types} need a second model")
   if limit > 0:
     rows = itertools.islice(rows, limit)
     total = min(total, limit) if total is not None else limit
-  context = TreeContext(config, generator.encode, grader.grade_many)
+  context = TreeContext(config, generator.encode, grader.grade_many,
+                        second_encode=second_generator.encode if second_generator else None)
+  if second_generator is not None:
+    generator = TwoModelGenerator(generator, second_generator, context.second_model_requests)
   started = time.monotonic()
   duplicates: collections.Counter = collections.Counter()
   statuses: collections.Counter = collections.Counter()
