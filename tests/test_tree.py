@@ -203,3 +203,16 @@ def test_a_second_model_writes_the_node_types_named_for_it(tmp_path):
   with pytest.raises(ValueError, match="need a second model"):
     tree_runner.run_trees(iter(()), generator=first, render_prompt=render, grader=ExactGrader(),
                           output_path=str(tmp_path / "x.jsonl"), config=tree_config, progress=False)
+
+
+def test_tree_cli_refuses_bad_settings_in_one_line(tmp_path, capsys):
+  from retro_jax import cli
+  input_path = write_jsonl(tmp_path / "in.jsonl", problems(1))
+  common = ["--output", str(tmp_path / "out.jsonl"), "--model", str(tmp_path)]
+  assert cli.main(["tree", "--input", str(tmp_path / "missing.jsonl"), *common]) == 2
+  assert cli.main(["tree", "--input", input_path, *common, "--config.tree.thresholds=(8.0, 4.0)"]) == 2
+  assert cli.main(["tree", "--input", input_path, *common, "--config.tree.second_model_types=('answer',)"]) == 2
+  assert cli.main(["tree", "--input", input_path, *common, "--config.tree.max_rollouts=0"]) == 2
+  errors = capsys.readouterr().err.strip().splitlines()
+  assert len(errors) == 4 and all(line.startswith("retro-jax tree: ") for line in errors)
+  assert "does not exist" in errors[0] and "thresholds" in errors[1] and "second model" in errors[2]
