@@ -88,47 +88,25 @@ def mine_pairs(config: TreeDemoConfig, trees_path: str) -> dict:
   return {"summary": summary, "sft": os.path.join(out, "sft.jsonl"), "dpo": os.path.join(out, "dpo.jsonl")}
 
 
-def _export_dir(config: TreeDemoConfig, name: str) -> tuple[str, str, bool]:
-  workdir = os.path.join(config.output, "train", name)
-  export_dir = os.path.join(workdir, "export")
-  return workdir, export_dir, os.path.exists(os.path.join(export_dir, "model.safetensors"))
-
-
-def _local(c, config: TreeDemoConfig, workdir: str, export_dir: str):
-  c.compute_dtype = "float32"
-  c.mesh.update(data=1, fsdp=1, tensor=1)
-  c.seed, c.workdir, c.export_dir = config.seed, workdir, export_dir
-  c.checkpoint_every_steps, c.async_checkpointing, c.tensorboard, c.eval_at_start = 0, False, False, False
-  c.log_every_steps = 5
-  return c
-
-
-def balanced_sft(config: TreeDemoConfig, data_path: str, num_examples: int) -> str:
-  from retro_jax.train.config import sft_config
-  from retro_jax.train.sft import run_sft
-
-  workdir, export_dir, done = _export_dir(config, "sft")
-  if not done:
-    c = _local(sft_config(), config, workdir, export_dir)
-    c.model_dir = config.model_dir
-    c.data.train_path = data_path
-    c.data.seq_len = 256
-    c.batch_size = max(1, min(16, num_examples // 3))
-    c.num_epochs = config.sft_epochs
-    c.optim.update(learning_rate=config.sft_learning_rate, warmup_steps=2, decay="cosine", weight_decay=0.0)
-    run_sft(c)
-  return export_dir
+# Keys of tasks.build.local_cpu_sft_config (one device, float32, no periodic checkpoints) a DPO run takes over.
+LOCAL_CPU_KEYS = ("compute_dtype", "mesh", "seed", "workdir", "checkpoint_every_steps", "async_checkpointing",
+                  "log_every_steps", "eval_at_start", "export_dir", "tensorboard")
 
 
 def preference_tuning(config: TreeDemoConfig, name: str, init_dir: str, data_path: str, num_pairs: int,
                       conservative: bool) -> str:
   """cDPO (the paper's joint objective) or plain DPO, from the SFT model, on the same pairs."""
+  from retro_jax.tasks.build import local_cpu_sft_config
   from retro_jax.train.config import dpo_config
   from retro_jax.train.dpo import run_dpo
 
-  workdir, export_dir, done = _export_dir(config, name)
-  if not done:
-    c = _local(dpo_config(), config, workdir, export_dir)
+  workdir = os.path.join(config.output, "dpo", name)
+  export_dir = os.path.join(workdir, "export")
+  if not os.path.exists(os.path.join(export_dir, "model.safetensors")):
+    local = local_cpu_sft_config(workdir=workdir, export_dir=export_dir, seed=config.seed, log_every_steps=5)
+    c = dpo_config()
+    for key in LOCAL_CPU_KEYS:
+      c[key] = local[key]
     c.model_dir = init_dir
     c.data.train_path = data_path
     c.data.seq_len = 256
@@ -192,7 +170,7 @@ def run_treecot_demo(config: TreeDemoConfig) -> dict:
     if not counts["sft_records"] or not counts["dpo_pairs"]:
       raise RuntimeError(f"the trees gave nothing to train on: {counts}")
     _log(f"3/5 balanced SFT on {counts['sft_records']} long correct paths")
-    models = {"base": config.model_dir, "sft": balanced_sft(config, mined["sft"], counts["sft_records"])}
+    models = {"base": config.model_dir, "sft": demo.fine_tune(config, "balanced", mined["sft"], counts["sft_records"])}
     _log(f"4/5 cDPO and plain DPO on {counts['dpo_pairs']} pairs")
     for name, conservative in (("cdpo", True), ("dpo", False)):
       models[name] = preference_tuning(config, name, models["sft"], mined["dpo"], counts["dpo_pairs"], conservative)
