@@ -5,7 +5,7 @@ setup(
     name="retro_jax",
     version="0.1.0",
     description="Retro-Search (Lu et al., 2025) in JAX/Flax NNX: revise R1-style reasoning traces, "
-    "serve rollouts through a JetStream-style engine, and fine-tune on the revised traces.",
+    "build tree-CoT data (MCTS over typed thoughts), serve rollouts through a JetStream-style engine, and fine-tune.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

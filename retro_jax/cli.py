@@ -17,6 +17,8 @@ from retro_jax.user_errors import EXIT_USER_ERROR, UserError
 SUBCOMMANDS = {
     "generate": ("retro_jax.search.cli", "generate_main", "sample k traces per problem and grade them"),
     "search": ("retro_jax.search.cli", "search_main", "Retro-Search: revise traces at their thought switches"),
+    "tree": ("retro_jax.search.tree_cli", "tree_main", "tree-CoT: MCTS over typed thoughts, one tree per problem"),
+    "pairs": ("retro_jax.search.tree_cli", "pairs_main", "SFT records and DPO pairs mined from tree-CoT trees"),
     "sft": ("retro_jax.train.cli", "sft_main", "supervised fine-tuning on (revised) traces"),
     "dpo": ("retro_jax.train.cli", "dpo_main", "conservative DPO with shared-prefix masking and an SFT term"),
     "eval": ("retro_jax.eval.cli", "eval_main", "accuracy and response length on the math benchmarks"),

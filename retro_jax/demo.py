@@ -283,7 +283,15 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--model", default=DEFAULT_MODEL, help="the model to improve (default: the tiny reasoner)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of every stage")
+  parser.add_argument("--method", choices=("retro", "treecot"), default="retro",
+                      help="retro: Retro-Search self-improvement; treecot: tree-CoT data, SFT, cDPO vs DPO")
   args = parser.parse_args(argv)
+  if args.method == "treecot":
+    from retro_jax.demo_treecot import TreeDemoConfig, run_treecot_demo  # pylint: disable=import-outside-toplevel
+    make = TreeDemoConfig.quick if args.quick else TreeDemoConfig
+    run_treecot_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
+    print(f"report: {os.path.join(args.output, 'report.md')}")
+    return 0
   make = DemoConfig.quick if args.quick else DemoConfig
   result = run_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
   missed = [name for name, ok in result["checks"].items() if not ok]
