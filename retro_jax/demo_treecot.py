@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from retro_jax import demo
+from retro_jax import demo, jsonl
 from retro_jax.user_errors import check_model_dir
 
 NAMES = ("base", "sft", "cdpo", "dpo")
@@ -153,7 +153,7 @@ def write_report(config: TreeDemoConfig, data: dict, summaries: dict[str, dict],
 
 def run_treecot_demo(config: TreeDemoConfig) -> dict:
   from retro_jax.grading import Grader
-  from retro_jax.search import runner, tree_runner
+  from retro_jax.search import tree_runner
   from retro_jax.tokenization import load_tokenizer
 
   check_model_dir(config.model_dir)
@@ -174,7 +174,7 @@ def run_treecot_demo(config: TreeDemoConfig) -> dict:
     _log(f"4/5 cDPO and plain DPO on {counts['dpo_pairs']} pairs")
     for name, conservative in (("cdpo", True), ("dpo", False)):
       models[name] = preference_tuning(config, name, models["sft"], mined["dpo"], counts["dpo_pairs"], conservative)
-    problems = list(runner.read_jsonl(paths["eval"]))
+    problems = list(jsonl.read_jsonl(paths["eval"]))
     summaries = {}
     for name in NAMES:
       _log(f"5/5 evaluating {name} on {len(problems)} held-out problems")

@@ -120,10 +120,10 @@ def test_tiny_reasoner_trees_keep_the_invariants_and_their_pairs_grade_and_train
     assert pair["chosen"][:k] == pair["rejected"][:k] and pair["chosen"][k:k + 1] != pair["rejected"][k:k + 1]
   # what `retro-jax sft` and `retro-jax dpo` read with their default fields, every record kept
   tokenizer = load_tokenizer(os.path.join(REPO_ROOT, "retro_jax", "assets", "tiny_reasoner"))
-  sft_records, stats = data.read_jsonl(str(tmp_path / "pairs" / "sft.jsonl"), ("question", "trace"))
+  sft_records, stats = data.read_training_records(str(tmp_path / "pairs" / "sft.jsonl"), ("question", "trace"))
   assert stats.skipped == 0 and data.tokenize_sft(sft_records, tokenizer, question_field="question",
                                                   trace_field="trace", seq_len=320)[1].kept == len(sft)
-  dpo_records, stats = data.read_jsonl(str(tmp_path / "pairs" / "dpo.jsonl"), ("question", "chosen", "rejected"))
+  dpo_records, stats = data.read_training_records(str(tmp_path / "pairs" / "dpo.jsonl"), ("question", "chosen", "rejected"))
   assert stats.skipped == 0 and data.tokenize_dpo(dpo_records, tokenizer, question_field="question",
                                                   chosen_field="chosen", rejected_field="rejected",
                                                   seq_len=320)[1].kept == len(dpo)

@@ -7,6 +7,7 @@ import pytest
 
 from retro_jax import cli as retro_cli
 from retro_jax import demo
+from retro_jax import jsonl
 from retro_jax.search import runner
 from retro_jax.tasks import arithmetic
 from retro_jax.view import browser, histogram, records, report
@@ -106,7 +107,7 @@ def searched(tmp_path_factory):
     runner.run_search(rows, generator=generator, render_prompt=tokenizer.render_prompt, grader=grader,
                       output_path=str(root / "search.jsonl"), total=total, progress=False,
                       config=SearchConfig(max_rollout_tokens=320))
-  output = list(runner.read_jsonl(str(root / "search.jsonl")))
+  output = list(jsonl.read_jsonl(str(root / "search.jsonl")))
   page = str(root / "report.html")
   assert retro_cli.main(["view", str(root / "search.jsonl"), "--output", page]) == 0
   return root, output, page

@@ -24,9 +24,9 @@ import os
 import statistics
 from typing import Callable, Iterable, Sequence
 
-from retro_jax.search import runner
+from retro_jax import jsonl
 from retro_jax.search.tree import ANSWER, path_ids
-from retro_jax.tasks.arithmetic import write_jsonl
+
 
 THINK_OPEN, THINK_CLOSE = "<think>\n", "</think>"
 BINS = ("short", "medium", "long")
@@ -141,7 +141,7 @@ def mine(trees: Iterable[dict], config: PairsConfig, length: Length) -> tuple[li
 
 def read_trees(path: str, counts: collections.Counter) -> Iterable[dict]:
   """Trees of a `retro-jax tree` output; lines that are not trees are counted (`unreadable_lines`)."""
-  for row in runner.read_jsonl_rows(path):
+  for row in jsonl.read_lines(path):
     data = row.data
     if row.error or not isinstance(data, dict) or not (data.get("status") == "error" or _is_tree(data)):
       counts["unreadable_lines"] += 1
@@ -163,9 +163,9 @@ def write_pairs(input_path: str, output_dir: str, config: PairsConfig, length: L
   counts: collections.Counter = collections.Counter()
   sft, dpo, summary = mine(read_trees(input_path, counts), config, length)
   summary["unreadable_lines"] = counts["unreadable_lines"]
-  write_jsonl(os.path.join(output_dir, "sft.jsonl"), sft)
-  write_jsonl(os.path.join(output_dir, "dpo.jsonl"), dpo)
-  runner.write_json_atomically(os.path.join(output_dir, "summary.json"), summary)
+  jsonl.write_jsonl(os.path.join(output_dir, "sft.jsonl"), sft)
+  jsonl.write_jsonl(os.path.join(output_dir, "dpo.jsonl"), dpo)
+  jsonl.write_json(os.path.join(output_dir, "summary.json"), summary)
   return summary
 
 

@@ -11,18 +11,17 @@ the tiny reasoner's own step boundaries instead.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from typing import Callable, Sequence
 
 from absl import flags
 import ml_collections
 
-from retro_jax import config_cli
+from retro_jax import config_cli, user_errors
 from retro_jax.engine.requests import TextGenerator
 from retro_jax.grading import Grader
 from retro_jax.search import pairs, runner, tree_runner
-from retro_jax.search.cli import _command, _common_config, _load_model, parse_config  # pylint: disable=protected-access
+from retro_jax.search.cli import _command, _common_config, _load_model, _settings  # pylint: disable=protected-access
+from retro_jax.user_errors import UserError
 from retro_jax.search.tree import PAPER_ACTION_TREE, PAPER_STYLES, ThoughtStyle, TreeConfig
 
 
@@ -74,21 +73,19 @@ def run_trees_from_config(config: ml_collections.ConfigDict, generator: TextGene
         progress=config.progress, second_generator=second)
 
 
+def check_tree_config(config: ml_collections.ConfigDict) -> TreeConfig:
+  """The tree settings, refused in one line (before any model loads) when they cannot run."""
+  settings = _settings(lambda: tree_config(config), "tree", {}, config)
+  if settings.second_model_types and not config.second_model:
+    raise UserError("tree.second_model_types names node types for a second model", "set --config.second_model")
+  if config.second_model:
+    user_errors.check_model_dir(config.second_model, "--config.second_model")
+  return settings
+
+
 def tree_main(argv: Sequence[str] = ()) -> int:
   """`retro-jax tree ARGS`: `argv` holds the arguments after the subcommand. Returns the exit status."""
-  prog, default = "retro-jax tree", default_tree_config()
-  if not ("-h" in argv or "--help" in argv):  # checked before the model loads: one line and exit 2
-    try:
-      config = parse_config(argv, default, prog)
-      if tree_config(config).second_model_types and not config.second_model:
-        raise ValueError("tree.second_model_types names node types for a second model: set --config.second_model")
-      for name in ("input", "model", "second_model"):
-        if config[name] and not config[name].startswith("hf:") and not os.path.exists(config[name]):
-          raise ValueError(f"--{name} {config[name]!r} does not exist")
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
-      print(f"{prog}: {error}", file=sys.stderr)
-      return 2
-  return _command(argv, default, prog, run_trees_from_config)
+  return _command(argv, default_tree_config(), "retro-jax tree", check_tree_config, run_trees_from_config)
 
 
 def default_pairs_config() -> ml_collections.ConfigDict:
@@ -109,15 +106,14 @@ def pairs_main(argv: Sequence[str] = ()) -> int:
     return 0
   shortcuts = {name: (name, flags.DEFINE_string, text) for name, text in (
       ("input", "trees JSONL"), ("output", "output folder"), ("model", "tokenizer for lengths (optional)"))}
-  try:
-    config = config_cli.parse_config(argv, prog=prog, default=default, shortcuts=shortcuts)[0]
-    if not config.input or not config.output:
-      raise ValueError("--input and --output are required")
-    settings = pairs.PairsConfig(**config.pairs.to_dict())
-    length = pairs.token_length(config.model) if config.model else len
-    summary = pairs.write_pairs(config.input, config.output, settings, length)
-  except (flags.Error, AttributeError, KeyError, ValueError, OSError) as error:
-    print(f"{prog}: {error}", file=sys.stderr)
-    return 2
+  config = config_cli.parse_config(argv, prog=prog, default=default, shortcuts=shortcuts)[0]
+  if not config.output:
+    raise UserError("--output is not set", "pass --output DIR (sft.jsonl, dpo.jsonl and summary.json go there)")
+  user_errors.check_input_file(config.input)
+  if config.model:
+    user_errors.check_model_dir(config.model)
+  settings = _settings(lambda: pairs.PairsConfig(**config.pairs.to_dict()), "pairs", {}, config)
+  length = pairs.token_length(config.model) if config.model else len
+  summary = pairs.write_pairs(config.input, config.output, settings, length)
   print(runner.format_table("tree pairs", summary))
   return 0

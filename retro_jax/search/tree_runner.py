@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from retro_jax.engine.requests import GenerationRequest, GenerationResult, RequestQueue, TextGenerator
 from retro_jax.grading import Grader
+from retro_jax import jsonl
 from retro_jax.search import runner
 from retro_jax.search.tree import ANSWER, TreeConfig, TreeContext, TreeProblem, TreeSearch
 
@@ -137,14 +138,14 @@ def run_trees(rows: Iterable[runner.InputRow], *, generator: TextGenerator, rend
   summary = summarize_trees(output_path)
   summary.update(duplicate_ids_skipped=duplicates["ids"], trees_this_run=sum(statuses.values()),
                  wall_time_s=time.monotonic() - started, grading=dict(grader.counts))
-  runner.write_json_atomically(summary_path or runner.default_summary_path(output_path), summary)
+  jsonl.write_json(summary_path or runner.default_summary_path(output_path), summary)
   print(runner.format_table("tree-CoT", summary))
   return summary
 
 
 def summarize_trees(output_path: str) -> dict:
   """Counts over every tree in the output file (earlier runs included)."""
-  records = list(runner.read_jsonl(output_path))
+  records = list(jsonl.read_jsonl(output_path))
   trees = [r for r in records if r["status"] != "error"]
   answers = [n for t in trees for n in t["nodes"] if n["type"] == ANSWER]
   statuses = collections.Counter(r["status"] for r in records)

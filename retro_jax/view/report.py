@@ -20,6 +20,7 @@ import pathlib
 import time
 from typing import Any, Sequence
 
+from retro_jax import jsonl
 from retro_jax.search import runner, traces
 from retro_jax.view import records
 from retro_jax.view.histogram import length_histogram_svg
@@ -196,7 +197,7 @@ def build_report(input_path: str, output_path: str, *, title: str = "",
   stats = records.RunStatistics()
   index: list[dict] = []
   unreadable = 0
-  for row in runner.read_jsonl_rows(input_path):
+  for row in jsonl.read_lines(input_path):
     kind = records.record_kind(row.data) if row.error is None else "other"
     if kind == "search":
       detail = records.search_detail(row.data, keywords)
