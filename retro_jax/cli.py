@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from retro_jax import distributed
+
 # name -> (module, function, one-line help)
 SUBCOMMANDS = {
     "generate": ("retro_jax.search.cli", "generate_main", "sample k traces per problem and grade them"),
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"retro-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     return 2
   module_name, function, _ = SUBCOMMANDS[name]
+  if not {"-h", "--help"} & set(rest):
+    distributed.initialize_or_exit(f"retro-jax {name}")  # before anything touches a device
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:
