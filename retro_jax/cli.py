@@ -24,7 +24,8 @@ SUBCOMMANDS = {
 
 def usage() -> str:
   width = max(map(len, SUBCOMMANDS))
-  lines = ["usage: retro-jax <command> [flags]   (retro-jax <command> --help for its flags)", "", "commands:"]
+  lines = ["usage: retro-jax <command> [flags]   (retro-jax <command> --help for its flags; --dry-run: parse and",
+           "       print the resolved command, load nothing)", "", "commands:"]
   lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in SUBCOMMANDS.items()]
   return "\n".join(lines)
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"retro-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     return 2
   module_name, function, _ = SUBCOMMANDS[name]
+  if "--dry-run" in rest:
+    from retro_jax import dry_run  # pylint: disable=import-outside-toplevel
+
+    return dry_run.main(name, [arg for arg in rest if arg != "--dry-run"])
   if not {"-h", "--help"} & set(rest):
     distributed.initialize_or_exit(f"retro-jax {name}")  # before anything touches a device
   try:

@@ -265,12 +265,18 @@ def run_demo(config: DemoConfig) -> dict:
   return write_report(config, effect, summaries, time.time() - start)
 
 
-def main(argv: list[str]) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+  """The command's flags (also what `--dry-run` parses)."""
   parser = argparse.ArgumentParser(prog="retro-jax demo", description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="retro_jax_demo", help="output directory (resumed when it exists)")
   parser.add_argument("--model", default=DEFAULT_MODEL, help="the model to improve (default: the tiny reasoner)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of every stage")
+  return parser
+
+
+def main(argv: list[str]) -> int:
+  parser = argument_parser()
   args = parser.parse_args(argv)
   make = DemoConfig.quick if args.quick else DemoConfig
   try:

@@ -7,7 +7,8 @@ processes after its first checkpoint (JAX's preemption sync: both stop at the sa
 rerun to the end: it must resume from that checkpoint and checkpoint its final step.
 
 Tolerance: float32 compute; 16 AdamW steps amplify a last-bit difference in a gradient by at most lr/eps per
-step, so eps is 1e-3 here (as in test_train_sharded.py) and parameters must agree to atol 1e-5.
+step, so eps is 1e-3 here (as in test_train_sharded.py) and parameters must agree to atol 1e-6 (measured:
+at most 2.4e-7 apart).
 """
 import json
 import pathlib
@@ -78,7 +79,7 @@ def test_pod_params_equal_one_process_and_the_export_loads_in_transformers(runs)
   moved = 0.0
   base = SafetensorsDir(pod.TINY_REASONER)
   for key in sorted(one.keys()):
-    np.testing.assert_allclose(two.get(key), one.get(key), rtol=0, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(two.get(key), one.get(key), rtol=0, atol=1e-6, err_msg=key)
     moved = max(moved, float(np.max(np.abs(one.get(key) - base.get(key)))))
   assert moved > 1e-3  # the comparison is between trained weights, not two copies of the start
 

@@ -60,8 +60,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
       "prompt_template": "",  # user turn with {question}; "": each benchmark's own (R1's directive for maths)
       "chat_template": "auto",  # "auto" | "r1" | "chatml"
   })
-  config.engine = ml_collections.ConfigDict(
-      {"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32"})  # max_seq_len 0: fit the prompts
+  # max_seq_len 0: fit the prompts; tensor / replicas_per_host: chips per replica / replicas (0: automatic)
+  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32",
+                                             "tensor": 0, "replicas_per_host": 0})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 
@@ -115,13 +116,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   then evaluates; returns the summary."""
   records = load_records(config)
   settings = eval_config(config)
-  from retro_jax.engine.serving import load_text_generator  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from retro_jax.engine.serving import load_text_generator, serving_mesh_for  # pylint: disable=import-outside-toplevel
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:  # every process would evaluate everything into the same output
+    raise ValueError("eval runs on one process (one host); start it without RETRO_JAX_* group variables")
   tokenizer = load_tokenizer(config.model, template=config.eval.chat_template)
   max_seq_len = config.engine.max_seq_len or (
       runner.longest_prompt(tokenizer, records, settings) + settings.max_new_tokens)
   generator = load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
                                   max_seq_len=max_seq_len, dtype=config.engine.dtype,
+                                  mesh=serving_mesh_for(config.model, config.engine),
                                   progress=False)  # the eval bar shows samples/s and accuracy instead
   return runner.evaluate(generator, tokenizer, records, settings)
 

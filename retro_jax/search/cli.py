@@ -115,22 +115,12 @@ def _command(argv: Sequence[str], default: ml_collections.ConfigDict, prog: str,
 
 
 def _load_model(config: ml_collections.ConfigDict) -> tuple[TextGenerator, Callable[[str], str]]:
-  from retro_jax.engine.serving import load_text_generator  # pylint: disable=import-outside-toplevel
+  from retro_jax.engine.serving import load_text_generator, serving_mesh_for  # pylint: disable=import-outside-toplevel
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
   generator = load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
                                   max_seq_len=config.engine.max_seq_len, dtype=config.engine.dtype,
                                   mesh=serving_mesh_for(config.model, config.engine))
   return generator, load_tokenizer(config.model).render_prompt
-
-
-def serving_mesh_for(model_dir: str, engine: ml_collections.ConfigDict):
-  """This process's serving mesh from `engine.tensor` / `engine.replicas_per_host` and the model's shape."""
-  from retro_jax import sharding  # pylint: disable=import-outside-toplevel
-  from retro_jax.models.config import Qwen2Config  # pylint: disable=import-outside-toplevel
-
-  model = Qwen2Config.from_pretrained(model_dir)
-  return sharding.serving_mesh(engine.tensor, engine.replicas_per_host, tensor_dims=(
-      model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size))
 
 
 def search_config(config: ml_collections.ConfigDict) -> SearchConfig:
