@@ -14,7 +14,7 @@ import pytest
 from retro_jax import cli
 from tests.pod import REPO_ROOT
 
-COMMAND = re.compile(r"retro-jax\s+(" + "|".join(map(re.escape, cli.SUBCOMMANDS)) + r")\b([^`#|\n]*)")
+COMMAND = re.compile(r"retro-jax\s+(" + "|".join(map(re.escape, cli.SUBCOMMANDS)) + r")\b([^`#|&\n]*)")
 
 
 def _texts() -> dict[str, str]:
