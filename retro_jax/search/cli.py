@@ -108,7 +108,7 @@ def _command(argv: Sequence[str], default: ml_collections.ConfigDict, prog: str,
   try:
     shards.run_job(shard, ids, finished(config), lambda share: run(config, *_load_model(config), shard=share),
                    merge_key, summarize)
-  except shards.OutputBusy as error:
+  except (shards.OutputBusy, shards.IncompleteShards) as error:
     print(f"{prog}: {error}", file=sys.stderr)
     return 2
   return 0
