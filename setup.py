@@ -18,6 +18,7 @@ setup(
         "flax>=0.11",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",  # checkpoint paths on gs:// and mounts (already installed with orbax-checkpoint)
         "grain>=0.2.10",
         "transformers>=4.51",
         "tokenizers>=0.21",

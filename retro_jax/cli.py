@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from retro_jax import distributed
 from retro_jax.user_errors import EXIT_USER_ERROR, UserError
 
 # name -> (module, function, one-line help)
@@ -30,7 +31,8 @@ SUBCOMMANDS = {
 
 def usage() -> str:
   width = max(map(len, SUBCOMMANDS))
-  lines = ["usage: retro-jax <command> [flags]   (retro-jax <command> --help for its flags)", "", "commands:"]
+  lines = ["usage: retro-jax <command> [flags]   (retro-jax <command> --help for its flags; --dry-run: parse and",
+           "       print the resolved command, load nothing)", "", "commands:"]
   lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in SUBCOMMANDS.items()]
   return "\n".join(lines)
 
@@ -45,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"retro-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     return EXIT_USER_ERROR
   module_name, function, _ = SUBCOMMANDS[name]
+  if "--dry-run" in rest:
+    from retro_jax import dry_run  # pylint: disable=import-outside-toplevel
+
+    return dry_run.main(name, [arg for arg in rest if arg != "--dry-run"])
+  if not {"-h", "--help"} & set(rest):
+    distributed.initialize_or_exit(f"retro-jax {name}")  # before anything touches a device
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:

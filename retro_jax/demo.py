@@ -277,7 +277,8 @@ def run_demo(config: DemoConfig) -> dict:
   return write_report(config, effect, summaries, time.time() - start)
 
 
-def main(argv: list[str]) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+  """The command's flags (also what `--dry-run` parses)."""
   parser = argparse.ArgumentParser(prog="retro-jax demo", description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="retro_jax_demo", help="output directory (resumed when it exists)")
   parser.add_argument("--model", default=DEFAULT_MODEL, help="the model to improve (default: the tiny reasoner)")
@@ -285,6 +286,11 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of every stage")
   parser.add_argument("--method", choices=("retro", "treecot"), default="retro",
                       help="retro: Retro-Search self-improvement; treecot: tree-CoT data, SFT, cDPO vs DPO")
+  return parser
+
+
+def main(argv: list[str]) -> int:
+  parser = argument_parser()
   args = parser.parse_args(argv)
   if args.method == "treecot":
     from retro_jax.demo_treecot import TreeDemoConfig, run_treecot_demo  # pylint: disable=import-outside-toplevel

@@ -72,6 +72,31 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[A
   return Mesh(grid, MESH_AXES)
 
 
+def serving_mesh(tensor: int = 0, replicas: int = 0, devices: Sequence[Any] | None = None,
+                 tensor_dims: Sequence[int] = ()) -> Mesh:
+  """The mesh one process serves on: its local chips as `replicas` x `tensor` ("data" x "tensor").
+
+  Under SERVE_RULES each index of "data" is an engine replica: it holds the whole model, split over its `tensor`
+  chips, and its own share of the decode slots, so replicas never all-gather weights. (They step together, which
+  costs nothing here: every replica decodes the same number of tokens per step.) 0 means automatic: `tensor`
+  becomes the largest count of the chips left per replica that divides every size in `tensor_dims` (the model
+  dimensions SERVE_RULES splits over "tensor": heads, KV heads, MLP, vocab; the KV heads usually bound it), and
+  `replicas` the chips left over. Across hosts there is one such mesh per process.
+  """
+  devices = list(devices if devices is not None else jax.local_devices())
+  if tensor < 0 or replicas < 0:
+    raise ShardingError(f"engine.tensor ({tensor}) and engine.replicas_per_host ({replicas}) must be >= 0")
+  if tensor == 0:
+    per_replica = len(devices) // max(replicas, 1)
+    tensor = max(t for t in range(1, per_replica + 1)
+                 if per_replica % t == 0 and all(dim % t == 0 for dim in tensor_dims))
+  replicas = replicas or len(devices) // tensor
+  if replicas * tensor > len(devices) or replicas * tensor == 0:
+    raise ShardingError(f"{replicas} replicas x {tensor} chips need {replicas * tensor} local devices, "
+                        f"this process has {len(devices)}")
+  return make_mesh(replicas, 1, tensor, devices=devices)
+
+
 def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
   if axes is None:
     return 1

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from jax.sharding import Mesh
 
+from retro_jax import sharding
+
 from retro_jax.engine.driver import Driver, Tokenizer
 from retro_jax.engine.qwen2_engine import Qwen2Engine, load_engine
 from retro_jax.models.config import Qwen2Config
@@ -63,3 +65,11 @@ def text_generator_from_model(model: Qwen2ForCausalLM, tokenizer: Tokenizer, *, 
   engine = Qwen2Engine(model, max_concurrent_decodes=max_concurrent_decodes, max_seq_len=max_seq_len, mesh=mesh,
                        eos_token_ids=eos_token_ids, **engine_kwargs)
   return Driver(engine, tokenizer, prefix_cache_bytes=prefix_cache_bytes, progress=progress)
+
+
+def serving_mesh_for(model_dir: str, engine) -> Mesh:
+  """This process's serving mesh from a CLI's `engine.tensor` / `engine.replicas_per_host` and the model's shape
+  (see sharding.serving_mesh)."""
+  model = Qwen2Config.from_pretrained(model_dir)
+  return sharding.serving_mesh(engine.tensor, engine.replicas_per_host, tensor_dims=(
+      model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size))

@@ -64,8 +64,10 @@ def default_eval_config() -> ml_collections.ConfigDict:
       "top_p": 0.95,
       "max_new_tokens": 32768,
   })
-  # max_seq_len 0: the longest prompt plus the budget, at most the model's positions (longer budgets are cut)
-  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32"})
+  # max_seq_len 0: the longest prompt plus the budget, at most the model's positions (longer budgets are cut);
+  # tensor / replicas_per_host: chips per replica / replicas (0: automatic)
+  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32",
+                                             "tensor": 0, "replicas_per_host": 0})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 
@@ -130,8 +132,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     print(f"{PROG}: left out {record['reason']}", file=sys.stderr)
   if not any(records.values()):
     raise UserError("no usable record in the selected benchmarks", "check the files given to --benchmarks")
+  import jax  # pylint: disable=import-outside-toplevel
   from retro_jax.engine import serving  # pylint: disable=import-outside-toplevel
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:  # every process would evaluate everything into the same output
+    raise UserError("eval runs on one process (one host)", "start it without the RETRO_JAX_* group variables")
   # The benchmarks' own templates are applied by the runner, so the tokenizer renders the user turn as given.
   tokenizer = load_tokenizer(config.model, template=config.chat_template, system_prompt=config.system_prompt)
   limit = serving.resolve_max_seq_len(config.model, config.engine.max_seq_len)
@@ -139,6 +144,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       limit, runner.longest_prompt(tokenizer, records, settings) + settings.max_new_tokens)
   generator = serving.load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
                                           max_seq_len=max_seq_len, dtype=config.engine.dtype,
+                                          mesh=serving.serving_mesh_for(config.model, config.engine),
                                           progress=False)  # the eval bar shows samples/s and accuracy instead
   summary = runner.evaluate(generator, tokenizer, records, settings, bad_records=bad)
   if summary["bad_records"] or summary["budget_clamped"]:

@@ -19,8 +19,9 @@ import ml_collections
 from retro_jax import config_cli, user_errors
 from retro_jax.engine.requests import TextGenerator
 from retro_jax.grading import Grader
-from retro_jax.search import pairs, runner, tree_runner
-from retro_jax.search.cli import _command, _common_config, _load_model, _settings  # pylint: disable=protected-access
+from retro_jax.search import pairs, runner, shards, tree_runner
+from retro_jax.search.cli import (_command, _common_config, _input, _job_totals, _load_model, _search_finished,
+                                  _settings)  # pylint: disable=protected-access
 from retro_jax.user_errors import UserError
 from retro_jax.search.tree import PAPER_ACTION_TREE, PAPER_STYLES, ThoughtStyle, TreeConfig
 
@@ -56,21 +57,32 @@ def tree_config(config: ml_collections.ConfigDict) -> TreeConfig:
 
 
 def run_trees_from_config(config: ml_collections.ConfigDict, generator: TextGenerator,
-                          render_prompt: Callable[[str], str]) -> dict:
-  """The trees as configured, with a given model; returns the run summary."""
+                          render_prompt: Callable[[str], str], shard: shards.Shard | None = None) -> dict:
+  """The trees as configured, with a given model; returns the run summary. With a `shard` of a multi-process
+  job, only that shard's share of the problems, into the shard's file (search/shards.py)."""
   settings = tree_config(config)
   second = None
   if config.second_model:
     second_config = ml_collections.ConfigDict(config.to_dict())
     second_config.model = config.second_model
     second = _load_model(second_config)[0]
-  rows, total = runner.open_input(config.input, config.hf_split, config.hf_subset)
+  rows, total, limit, output, summary_path = _input(config, shard)
   with Grader(config.grading.num_workers, config.grading.timeout_s) as grader:
     return tree_runner.run_trees(
-        rows, generator=generator, render_prompt=render_prompt, grader=grader, output_path=config.output,
-        config=settings, fields=runner.FieldMap(**config.fields.to_dict()), limit=config.limit,
-        max_trees_in_flight=config.max_trees_in_flight, total=total, summary_path=config.summary_path or None,
+        rows, generator=generator, render_prompt=render_prompt, grader=grader, output_path=output,
+        config=settings, fields=runner.FieldMap(**config.fields.to_dict()), limit=limit,
+        max_trees_in_flight=config.max_trees_in_flight, total=total, summary_path=summary_path,
         progress=config.progress, second_generator=second)
+
+
+def _summarize_trees(output: str, parts: list[dict]) -> dict:
+  """The tree summary over a merged output: counts from the file, run counters added over the shards."""
+  wall, grading = _job_totals(parts)
+  summary = tree_runner.summarize_trees(output)
+  for key in ("duplicate_ids_skipped", "trees_this_run"):
+    summary[key] = sum(part.get(key, 0) for part in parts)
+  summary.update(wall_time_s=wall, grading=dict(grading))
+  return summary
 
 
 def check_tree_config(config: ml_collections.ConfigDict) -> TreeConfig:
@@ -85,7 +97,8 @@ def check_tree_config(config: ml_collections.ConfigDict) -> TreeConfig:
 
 def tree_main(argv: Sequence[str] = ()) -> int:
   """`retro-jax tree ARGS`: `argv` holds the arguments after the subcommand. Returns the exit status."""
-  return _command(argv, default_tree_config(), "retro-jax tree", check_tree_config, run_trees_from_config)
+  return _command(argv, default_tree_config(), "retro-jax tree", check_tree_config, run_trees_from_config,
+                  _search_finished, lambda record: record["id"], _summarize_trees)
 
 
 def default_pairs_config() -> ml_collections.ConfigDict:
