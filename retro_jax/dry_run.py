@@ -23,11 +23,18 @@ INPUT_KEYS = ("input", "model", "model_dir", "tokenizer_dir", "train_path", "eva
 
 def _search_config(command: str) -> Callable[[Sequence[str]], Any]:
   def resolve(argv: Sequence[str]) -> ml_collections.ConfigDict:
-    from retro_jax.search import cli  # pylint: disable=import-outside-toplevel
+    from retro_jax.search import cli, tree_cli  # pylint: disable=import-outside-toplevel
 
-    default = cli.default_search_config() if command == "search" else cli.default_generate_config()
-    return cli.parse_config(argv, default, f"retro-jax {command}")
+    defaults = {"search": cli.default_search_config, "generate": cli.default_generate_config,
+                "tree": tree_cli.default_tree_config}
+    return cli.parse_config(argv, defaults[command](), f"retro-jax {command}")
   return resolve
+
+
+def _pairs_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  from retro_jax.search import tree_cli  # pylint: disable=import-outside-toplevel
+
+  return tree_cli.parse_pairs_config(argv)
 
 
 def _train_config(command: str) -> Callable[[Sequence[str]], Any]:
@@ -55,7 +62,8 @@ def _argparse_config(module: str) -> Callable[[Sequence[str]], Any]:
 RESOLVERS: dict[str, Callable[[Sequence[str]], Any]] = {
     "generate": _search_config("generate"), "search": _search_config("search"), "sft": _train_config("sft"),
     "dpo": _train_config("dpo"), "eval": _eval_config, "demo": _argparse_config("retro_jax.demo"),
-    "build-tiny-reasoner": _argparse_config("retro_jax.tasks.build"),
+    "build-tiny-reasoner": _argparse_config("retro_jax.tasks.build"), "tree": _search_config("tree"),
+    "pairs": _pairs_config, "view": _argparse_config("retro_jax.view.cli"),
 }
 
 

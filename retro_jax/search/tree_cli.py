@@ -110,16 +110,21 @@ def default_pairs_config() -> ml_collections.ConfigDict:
   return config
 
 
-def pairs_main(argv: Sequence[str] = ()) -> int:
-  """`retro-jax pairs ARGS`: SFT records and DPO pairs from trees. Returns the exit status."""
-  prog = "retro-jax pairs"
-  default = default_pairs_config()
-  if "-h" in argv or "--help" in argv:
-    print(f"usage: {prog} --input TREES.jsonl --output DIR [--model DIR] [--config.pairs.KEY=VALUE ...]\n\n{default}")
-    return 0
+def parse_pairs_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """`retro-jax pairs` flags -> its config (also what `--dry-run` resolves)."""
   shortcuts = {name: (name, flags.DEFINE_string, text) for name, text in (
       ("input", "trees JSONL"), ("output", "output folder"), ("model", "tokenizer for lengths (optional)"))}
-  config = config_cli.parse_config(argv, prog=prog, default=default, shortcuts=shortcuts)[0]
+  return config_cli.parse_config(argv, prog="retro-jax pairs", default=default_pairs_config(),
+                                 shortcuts=shortcuts)[0]
+
+
+def pairs_main(argv: Sequence[str] = ()) -> int:
+  """`retro-jax pairs ARGS`: SFT records and DPO pairs from trees. Returns the exit status."""
+  if "-h" in argv or "--help" in argv:
+    print("usage: retro-jax pairs --input TREES.jsonl --output DIR [--model DIR] [--config.pairs.KEY=VALUE ...]"
+          f"\n\n{default_pairs_config()}")
+    return 0
+  config = parse_pairs_config(argv)
   if not config.output:
     raise UserError("--output is not set", "pass --output DIR (sft.jsonl, dpo.jsonl and summary.json go there)")
   user_errors.check_input_file(config.input)

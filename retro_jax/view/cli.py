@@ -16,8 +16,8 @@ from retro_jax.view import report
 PROG = "retro-jax view"
 
 
-def view_main(argv: Sequence[str] = ()) -> int:
-  """`retro-jax view ARGS`: `argv` holds the arguments after the subcommand. Returns the exit status."""
+def argument_parser() -> argparse.ArgumentParser:
+  """The command's flags (also what `--dry-run` parses)."""
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   parser.add_argument("input", help="output JSONL of `retro-jax search` or `retro-jax tree`")
@@ -25,7 +25,12 @@ def view_main(argv: Sequence[str] = ()) -> int:
   parser.add_argument("--title", default="", help="the page title (default: from the input's name)")
   parser.add_argument("--max_inline_mb", type=float, default=report.DEFAULT_MAX_INLINE_BYTES / 2**20,
                       help="records' data above this many MB goes to <output stem>_data/ beside the page")
-  args = parser.parse_args(list(argv))
+  return parser
+
+
+def view_main(argv: Sequence[str] = ()) -> int:
+  """`retro-jax view ARGS`: `argv` holds the arguments after the subcommand. Returns the exit status."""
+  args = argument_parser().parse_args(list(argv))
   if args.max_inline_mb < 0:
     print(f"{PROG}: --max_inline_mb must be >= 0", file=sys.stderr)
     return 2
