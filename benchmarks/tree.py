@@ -36,7 +36,8 @@ from retro_jax.tokenization import load_tokenizer  # noqa: E402
 
 def _run(name: str, args, config, problems: str, warmup: str, grader, work: str, *, in_flight: int,
          prefix_cache: bool) -> dict:
-  generator = load_text_generator(config.model, max_concurrent_decodes=args.slots, max_seq_len=config.engine.max_seq_len,
+  generator = load_text_generator(config.model, max_concurrent_decodes=args.slots,
+                                  max_seq_len=config.engine.max_seq_len,
                                   prefix_cache_bytes=(256 << 20) if prefix_cache else 0, progress=False)
   render = load_tokenizer(config.model).render_prompt
   settings = tree_config(config)
@@ -79,7 +80,8 @@ def main() -> None:
     problems, warmup = os.path.join(work, "problems.jsonl"), os.path.join(work, "warmup.jsonl")
     write_problems(problems, train)
     write_problems(warmup, held_out)
-    runs = [_run("many_trees", args, config, problems, warmup, grader, work, in_flight=args.in_flight, prefix_cache=True),
+    runs = [_run("many_trees", args, config, problems, warmup, grader, work, in_flight=args.in_flight,
+                 prefix_cache=True),
             _run("one_tree_at_a_time", args, config, problems, warmup, grader, work, in_flight=1, prefix_cache=True),
             _run("many_trees_no_prefix_cache", args, config, problems, warmup, grader, work, in_flight=args.in_flight,
                  prefix_cache=False)]

@@ -75,9 +75,9 @@ def grow_trees(config: TreeDemoConfig, problems_path: str, grader, tokenizer) ->
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tree = tiny_tree_config(config.seed)
   rows, total = runner.open_input(problems_path)
-  tree_runner.run_trees(rows, generator=demo.generator_for(config.model_dir, config), render_prompt=tokenizer.render_prompt,
-                        grader=grader, output_path=out, config=tree_config(tree), total=total,
-                        max_trees_in_flight=tree.max_trees_in_flight)
+  tree_runner.run_trees(rows, generator=demo.generator_for(config.model_dir, config),
+                        render_prompt=tokenizer.render_prompt, grader=grader, output_path=out,
+                        config=tree_config(tree), total=total, max_trees_in_flight=tree.max_trees_in_flight)
   return out
 
 

@@ -40,7 +40,7 @@ def thoughts(trace):
 def test_paths_render_as_traces():
   assert pairs.render_path(["A|", "C|\n", "\\boxed{1}"]) == "<think>\nA|C|\n</think>\n\n\\boxed{1}"
   tiny = ["Compute 2 + 3 = 5.\n\n", "So the answer is 5.\n</think>\n\nThe answer is \\boxed{5}."]
-  assert pairs.render_path(tiny) == "<think>\nCompute 2 + 3 = 5.\n\nSo the answer is 5.\n</think>\n\nThe answer is \\boxed{5}."
+  assert pairs.render_path(tiny) == "<think>\n" + "".join(tiny)
   paths = pairs.tree_paths(TREE, thoughts)
   assert [p.node for p in paths] == [3, 5, 8, 9, 10, 11]
   assert [p.length for p in paths] == [1, 2, 4, 1, 2, 3]
@@ -60,7 +60,8 @@ def test_sft_takes_the_long_paths_and_dpo_pairs_the_short_ones_with_the_least_sh
   # chosen A (node 3). Wrong B shares "<think>\n" (8 chars); wrong A C shares "<think>\nA|" (10)
   (pair,) = dpo
   assert (pair["chosen_node"], pair["rejected_node"]) == (3, 9)
-  assert pair["chosen"] == "<think>\nA|\n</think>\n\n\\boxed{1}" and pair["rejected"] == "<think>\nB|\n</think>\n\n\\boxed{2}"
+  assert pair["chosen"] == "<think>\nA|\n</think>\n\n\\boxed{1}"
+  assert pair["rejected"] == "<think>\nB|\n</think>\n\n\\boxed{2}"
   assert pair["shared_prefix_chars"] == 8 and pair["shared_prefix_nodes"] == 0
   # both choices are configurable: medium paths (A C) as chosen too; short ones to SFT
   sft, dpo = pairs.mine_tree(TREE, pairs.PairsConfig(sft_bins=("short",), chosen_bins=("short", "medium")), thoughts)

@@ -44,7 +44,8 @@ def tree_section(action_tree: dict, styles: dict[str, ThoughtStyle], **options) 
              if field.name not in ("action_tree", "styles", "seed")}
   section.update(options)
   section["action_tree"] = {kind: dict(children) for kind, children in action_tree.items()}
-  section["styles"] = {kind: {"open": s.open, "close": s.close, "prefills": s.prefills, "fixed_text": s.fixed_text or ""}
+  section["styles"] = {kind: {"open": s.open, "close": s.close, "prefills": s.prefills,
+                              "fixed_text": s.fixed_text or ""}
                        for kind, s in styles.items()}
   return ml_collections.ConfigDict(section)
 
