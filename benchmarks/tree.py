@@ -28,6 +28,7 @@ sys.path.insert(0, REPO)
 from retro_jax.demo_treecot import tiny_tree_config  # noqa: E402
 from retro_jax.engine.serving import load_text_generator  # noqa: E402
 from retro_jax.grading import Grader  # noqa: E402
+from retro_jax import jsonl  # noqa: E402
 from retro_jax.search import runner, tree_runner  # noqa: E402
 from retro_jax.search.tree_cli import tree_config  # noqa: E402
 from retro_jax.tasks.arithmetic import make_splits, write_problems  # noqa: E402
@@ -53,7 +54,7 @@ def _run(name: str, args, config, problems: str, warmup: str, grader, work: str,
   summary = grow(problems, os.path.join(work, f"{name}.jsonl"))
   wall = time.perf_counter() - start
   stats = {k: v - before[k] for k, v in vars(generator.stats).items()}
-  trees = {r["id"]: r["nodes"] for r in runner.read_jsonl(os.path.join(work, f"{name}.jsonl"))}
+  trees = {r["id"]: r["nodes"] for r in jsonl.read_jsonl(os.path.join(work, f"{name}.jsonl"))}
   return {
       "name": name, "trees_in_flight": in_flight, "prefix_cache": prefix_cache, "wall_s": wall,
       "trees": summary["records"], "trees_per_s": summary["records"] / wall, "rollouts": summary["rollouts"],

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from retro_jax.search import runner  # noqa: E402
+from retro_jax import jsonl  # noqa: E402
 from retro_jax.view import browser, report  # noqa: E402
 
 CHARS_PER_TOKEN = 4
@@ -127,7 +127,7 @@ def main() -> None:
       "input": {"bytes": os.path.getsize(source), "write_s": round(time.perf_counter() - started, 1)},
   }
   started = time.perf_counter()
-  lines = sum(1 for _ in runner.read_jsonl(source))
+  lines = sum(1 for _ in jsonl.read_jsonl(source))
   result["peer_read_jsonl_s"] = round(time.perf_counter() - started, 2)
   page = os.path.join(work, "report.html")
   built = report.build_report(source, page)

@@ -1,11 +1,11 @@
 """`--dry-run` on every subcommand, and every `retro-jax` command line the docs show parses under it.
 
 The collector reads README.md, launch/README.md, the configs/ docstrings and the colab/ notebooks; a line ending
-in a backslash continues on the next, `...` means "the rest as above", a notebook's `{variable}` is a path, and a
-bare name in backticks (`retro-jax sft` in a table) is a mention, not a command line.
+in a backslash continues on the next, `...` means "the rest as above", a notebook's `{variable}` is a path (an
+upper-case `{CONSTANT}` a number), and a bare name in backticks (`retro-jax sft` in a table) is a mention, not a
+command line.
 """
 import json
-import pathlib
 import re
 import shlex
 
@@ -26,6 +26,11 @@ def _texts() -> dict[str, str]:
   return texts
 
 
+def _fill_notebook_variables(text: str) -> str:
+  """A notebook's upper-case `{CONSTANT}` (sizes computed in an earlier cell) is a number; any other `{name}` a path."""
+  return re.sub(r"\{\w+\}", "/content/model", re.sub(r"\{[A-Z_]+\}", "8", text))
+
+
 def documented_commands() -> list[tuple[str, list[str]]]:
   commands = []
   for source, text in _texts().items():
@@ -33,7 +38,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     for match in COMMAND.finditer(text):
       if not match.group(2).strip() and text[match.end():match.end() + 1] == "`":
         continue
-      args = [a for a in shlex.split(re.sub(r"\{\w+\}", "/content/model", match.group(2))) if a != "..."]
+      args = [a for a in shlex.split(_fill_notebook_variables(match.group(2))) if a != "..."]
       commands.append((source, [match.group(1), *args]))
   return commands
 

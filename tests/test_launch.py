@@ -2,7 +2,6 @@
 `retro-jax` command each `run.sh` example carries to the workers parses under `--dry-run`."""
 import json
 import os
-import pathlib
 import re
 import shlex
 import stat

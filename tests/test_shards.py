@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from retro_jax import distributed
-from retro_jax.search import runner, shards
+from retro_jax import distributed, jsonl
+from retro_jax.search import shards
 
 
 def test_shares_are_a_stable_hash_of_the_id():
@@ -34,7 +34,7 @@ def test_merge_writes_input_order_and_refuses_an_unfinished_record(tmp_path):
   shard = shards.Shard(output, 0, 2)
   assert shards.written_ids(shard.sibling(1).path) == {r["id"] for r in parts[1]}  # a cut last line is no record
   assert shards.merge(shard, ids, finished, lambda r: r["id"]) == [len(parts[0]), len(parts[1])]
-  assert [r["id"] for r in runner.read_jsonl(output)] == ids
+  assert [r["id"] for r in jsonl.read_jsonl(output)] == ids
   with pytest.raises(shards.IncompleteShards, match="1 input records are in no shard"):
     shards.merge(shard, [*ids, "p10"], finished, lambda r: r["id"])
 
@@ -43,7 +43,7 @@ def test_own_rows_take_the_job_limit_before_the_share(tmp_path):
   path = tmp_path / "in.jsonl"
   _write(path, [{"id": f"r{i}"} for i in range(20)])
   shard = shards.Shard(str(tmp_path / "out.jsonl"), 1, 3)
-  rows = shards.own_rows(runner.read_jsonl_rows(str(path)), shard, "id", limit=12)
+  rows = shards.own_rows(jsonl.read_lines(str(path)), shard, "id", limit=12)
   assert [r.data["id"] for r in rows] == [f"r{i}" for i in range(12) if shards.shard_of(f"r{i}", 3) == 1]
 
 

@@ -28,7 +28,7 @@ import os
 import socket
 from typing import Any, Callable, Container, Iterable, Iterator
 
-from retro_jax import distributed
+from retro_jax import distributed, jsonl
 from retro_jax.search import runner
 
 # Processes that finished their share wait this long for the slowest one before giving up; a peer that died is
@@ -143,7 +143,9 @@ def written_ids(path: str) -> set[runner.RecordId]:
   with open(path, encoding="utf-8") as file:
     for line in file:
       if line.endswith("\n") and line.strip():
-        ids.add(json.loads(line)["id"])
+        record = json.loads(line)
+        if not record.get("retry_on_resume"):  # the writer drops these on open, so a rerun runs them again
+          ids.add(record["id"])
   return ids
 
 
@@ -181,14 +183,14 @@ def run_job(shard: Shard, ids: list[runner.RecordId], finished: Finished, run_sh
     shard_summaries = [_read_json(shard.sibling(i).summary_path) for i in range(shard.count)]
     summary = summarize(shard.output, [s for s in shard_summaries if s is not None])
     summary.update(processes=shard.count, records_per_process=merged)
-    runner.write_json_atomically(shard.merged_summary_path, summary)
+    jsonl.write_json(shard.merged_summary_path, summary)
     print(runner.format_table(f"merged {shard.count} shards", summary), flush=True)
     return summary
 
 
 def _summary_of_finished(shard: Shard, summarize: Callable[[str, list[dict]], dict]) -> dict:
   summary = summarize(shard.output, [])
-  runner.write_json_atomically(shard.merged_summary_path, summary)
+  jsonl.write_json(shard.merged_summary_path, summary)
   return summary
 
 
