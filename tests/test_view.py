@@ -254,6 +254,10 @@ def test_segmentation_of_a_revised_record_and_savings():
 def test_cli_bad_input(tmp_path, capsys):
   assert retro_cli.main(["view", str(tmp_path / "missing.jsonl")]) == 2
   assert capsys.readouterr().err.strip() == f"retro-jax view: no such file: {tmp_path / 'missing.jsonl'}"
+  (tmp_path / "blocker").write_text("a file where the output folder should be")
+  (tmp_path / "one.jsonl").write_text('{"id": "a", "status": "error", "reason": "empty trace"}\n')
+  assert retro_cli.main(["view", str(tmp_path / "one.jsonl"), "--output", str(tmp_path / "blocker" / "r.html")]) == 2
+  assert capsys.readouterr().err.startswith(f"retro-jax view: cannot write {tmp_path / 'blocker' / 'r.html'}: ")
   (tmp_path / "empty.jsonl").write_text("\n")
   assert retro_cli.main(["view", str(tmp_path / "empty.jsonl")]) == 2
   assert "holds no records" in capsys.readouterr().err
