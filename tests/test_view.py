@@ -13,7 +13,7 @@ from retro_jax.view import browser, histogram, records, report
 
 # A trace that would run script if the page parsed record text as HTML, and would close the page's data
 # element if the embedded JSON kept its "<".
-HOSTILE_TRACE = ("<think>\nCompute 1 + 1 = 2 & x < y.\n\n<script>document.title='pwned'</script>\n\n"
+HOSTILE_TRACE = ("<think>\nCompute 1 + 1 = 2 & x < y, √2 ≈ 1.414 — 中文.\n\n<script>document.title='pwned'</script>\n\n"
                  "Wait, $\\frac{a}{b}$ </script><b>bold</b>\n</think>\n\nThe answer is \\boxed{3}.")
 
 
