@@ -207,7 +207,9 @@ def test_tree_output_and_kept_rollouts_render_in_chromium(tmp_path):
            {"id": 2, "parent": 0, "type": "sub_task", "text": "Firstly, add <script>.", "visits": 1,
             "total_reward": 0, "depth": 1},
            {"id": 3, "parent": 1, "type": "answer", "text": "The answer is: \\boxed{14}", "visits": 3,
-            "total_reward": 3, "depth": 2}]
+            "total_reward": 3, "depth": 2, "correct": True},
+           {"id": 4, "parent": 2, "type": "thinking", "text": "long " * 40, "visits": 1, "total_reward": 0,
+            "depth": 2}]
   tree = {"id": "t1", "question": "What is 2 + 3 * 4?", "answer": "14", "rollouts": 4, "status": "solved",
           "nodes": nodes}
   kept = {"id": "s1", "question": "q", "answer": "2", "status": "unchanged", "accepted_boundaries": [],
@@ -226,8 +228,11 @@ def test_tree_output_and_kept_rollouts_render_in_chromium(tmp_path):
   article = dom.find_all("article")[0]
   assert article.attrs["data-kind"] == "tree"
   outline = {int(d.attrs["data-node"]): d for d in article.find_all("details", "node")}
-  assert sorted(outline) == [0, 1, 2, 3]
+  assert sorted(outline) == [0, 1, 2, 3, 4]
   assert outline[3].parent is outline[1] and outline[1].parent is outline[0] and outline[2].parent is outline[0]
+  assert outline[4].parent is outline[2] and outline[4].find_all("pre")[0].text() == "long " * 40
+  assert [b.text() for b in outline[3].find_all("span", "badge")] == ["visits 3", "reward 3 (mean 1.00)", "correct"]
+  assert dom.find_all("title")[0].text() == "Tree-CoT report: trees.jsonl"
   badges = [b.text() for b in outline[1].find_all("summary")[0].find_all("span", "badge")]
   assert badges == ["visits 3", "reward 3 (mean 1.00)"]
   assert "Firstly, add <script>." in outline[2].text()

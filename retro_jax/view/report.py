@@ -216,7 +216,8 @@ def build_report(input_path: str, output_path: str, *, title: str = "",
   config = {"chunks": chunks.count, "perPage": RECORDS_PER_PAGE, "source": os.path.basename(input_path),
             "dataDir": None if chunks.inline is not None else data_dir.name,
             "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-  page = _page_html(title or f"Retro-Search report: {os.path.basename(input_path)}",
+  kind = "Tree-CoT" if any(entry["kind"] == "tree" for entry in index) else "Retro-Search"
+  page = _page_html(title or f"{kind} report: {os.path.basename(input_path)}",
                     _header_html(stats, summary, input_path), config, index, chunks.inline)
   temporary = f"{output}.tmp"
   with open(temporary, "w", encoding="utf-8") as file:

@@ -215,13 +215,15 @@
     function nodeView(node, depth) {
       seen.add(node.id);
       const mean = node.visits ? (node.reward / node.visits).toFixed(2) : "–";
-      const snippet = node.text.length > 90 ? node.text.slice(0, 90) + "…" : node.text;
+      const short = node.text.length <= 90; // the summary line shows all of it: no text block below
       const view = el("details", { class: "node t-" + node.type, "data-node": node.id, open: depth < 2 },
         el("summary", {}, el("span", { class: "type" }, node.type || "node"), " ",
           el("span", { class: "badge" }, "visits " + (node.visits ?? "–")),
           el("span", { class: "badge" }, "reward " + (node.reward ?? "–") + " (mean " + mean + ")"),
-          el("span", { class: "snippet" }, snippet)),
-        el("pre", { class: "trace" }, node.text));
+          node.correct === null || node.correct === undefined ? null
+            : el("span", { class: "badge " + (node.correct ? "correct" : "wrong") }, node.correct ? "correct" : "wrong"),
+          el("span", { class: "snippet" }, short ? node.text : node.text.slice(0, 90) + "…")),
+        short ? null : el("pre", { class: "trace" }, node.text));
       for (const child of children.get(node.id) || []) if (!seen.has(child.id)) view.append(nodeView(child, depth + 1));
       return view;
     }
