@@ -180,6 +180,9 @@ def test_filter_search_sort_and_permalink_in_chromium(searched):
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == expected
   dom = rendered(page, "q=<B>1 + 1")  # search is case-insensitive over id, question and answer
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == ["hostile</script>"]
+  dom = rendered(page, "q=DOUBLE-check&in=traces&per=100")  # ... and, asked to, over the traces
+  with_phrase = [str(r["id"]) for r in output if "double-check" in r.get("trace", "").lower()]
+  assert with_phrase and [a.attrs["data-id"] for a in dom.find_all("article")] == with_phrase
   target = output[1]["id"]
   dom = rendered(page, f"record={target}")
   articles = dom.find_all("article")
