@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from retro_jax.search import runner  # noqa: E402
 from retro_jax.view import browser, report  # noqa: E402
 
 CHARS_PER_TOKEN = 4
@@ -130,11 +131,7 @@ def main() -> None:
       "input": {"bytes": os.path.getsize(source), "write_s": round(time.perf_counter() - started, 1)},
   }
   started = time.perf_counter()
-  lines = 0
-  with open(source, encoding="utf-8") as file:
-    for line in file:
-      json.loads(line)
-      lines += 1
+  lines = sum(1 for _ in runner.read_jsonl(source))
   result["peer_read_jsonl_s"] = round(time.perf_counter() - started, 2)
   page = os.path.join(work, "report.html")
   cpu_before = _cpu_seconds()
