@@ -14,7 +14,7 @@ from retro_jax.view import browser, histogram, records, report
 
 # A trace that would run script if the page parsed record text as HTML, and would close the page's data
 # element if the embedded JSON kept its "<".
-HOSTILE_TRACE = ("<think>\nCompute 1 + 1 = 2 & x < y.\n\n<script>document.title='pwned'</script>\n\n"
+HOSTILE_TRACE = ("<think>\nCompute 1 + 1 = 2 & x < y, √2 ≈ 1.414 — 中文.\n\n<script>document.title='pwned'</script>\n\n"
                  "Wait, $\\frac{a}{b}$ </script><b>bold</b>\n</think>\n\nThe answer is \\boxed{3}.")
 
 
@@ -181,6 +181,9 @@ def test_filter_search_sort_and_permalink_in_chromium(searched):
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == expected
   dom = rendered(page, "q=<B>1 + 1")  # search is case-insensitive over id, question and answer
   assert [a.attrs["data-id"] for a in dom.find_all("article")] == ["hostile</script>"]
+  dom = rendered(page, "q=DOUBLE-check&in=traces&per=100")  # ... and, asked to, over the traces
+  with_phrase = [str(r["id"]) for r in output if "double-check" in r.get("trace", "").lower()]
+  assert with_phrase and [a.attrs["data-id"] for a in dom.find_all("article")] == with_phrase
   target = output[1]["id"]
   dom = rendered(page, f"record={target}")
   articles = dom.find_all("article")
@@ -208,7 +211,9 @@ def test_tree_output_and_kept_rollouts_render_in_chromium(tmp_path):
            {"id": 2, "parent": 0, "type": "sub_task", "text": "Firstly, add <script>.", "visits": 1,
             "total_reward": 0, "depth": 1},
            {"id": 3, "parent": 1, "type": "answer", "text": "The answer is: \\boxed{14}", "visits": 3,
-            "total_reward": 3, "depth": 2}]
+            "total_reward": 3, "depth": 2, "correct": True},
+           {"id": 4, "parent": 2, "type": "thinking", "text": "long " * 40, "visits": 1, "total_reward": 0,
+            "depth": 2}]
   tree = {"id": "t1", "question": "What is 2 + 3 * 4?", "answer": "14", "rollouts": 4, "status": "solved",
           "nodes": nodes}
   kept = {"id": "s1", "question": "q", "answer": "2", "status": "unchanged", "accepted_boundaries": [],
@@ -227,8 +232,11 @@ def test_tree_output_and_kept_rollouts_render_in_chromium(tmp_path):
   article = dom.find_all("article")[0]
   assert article.attrs["data-kind"] == "tree"
   outline = {int(d.attrs["data-node"]): d for d in article.find_all("details", "node")}
-  assert sorted(outline) == [0, 1, 2, 3]
+  assert sorted(outline) == [0, 1, 2, 3, 4]
   assert outline[3].parent is outline[1] and outline[1].parent is outline[0] and outline[2].parent is outline[0]
+  assert outline[4].parent is outline[2] and outline[4].find_all("pre")[0].text() == "long " * 40
+  assert [b.text() for b in outline[3].find_all("span", "badge")] == ["visits 3", "reward 3 (mean 1.00)", "correct"]
+  assert dom.find_all("title")[0].text() == "Tree-CoT report: trees.jsonl"
   badges = [b.text() for b in outline[1].find_all("summary")[0].find_all("span", "badge")]
   assert badges == ["visits 3", "reward 3 (mean 1.00)"]
   assert "Firstly, add <script>." in outline[2].text()
@@ -255,6 +263,10 @@ def test_segmentation_of_a_revised_record_and_savings():
 def test_cli_bad_input(tmp_path, capsys):
   assert retro_cli.main(["view", str(tmp_path / "missing.jsonl")]) == 2
   assert capsys.readouterr().err.strip() == f"retro-jax view: no such file: {tmp_path / 'missing.jsonl'}"
+  (tmp_path / "blocker").write_text("a file where the output folder should be")
+  (tmp_path / "one.jsonl").write_text('{"id": "a", "status": "error", "reason": "empty trace"}\n')
+  assert retro_cli.main(["view", str(tmp_path / "one.jsonl"), "--output", str(tmp_path / "blocker" / "r.html")]) == 2
+  assert capsys.readouterr().err.startswith(f"retro-jax view: cannot write {tmp_path / 'blocker' / 'r.html'}: ")
   (tmp_path / "empty.jsonl").write_text("\n")
   assert retro_cli.main(["view", str(tmp_path / "empty.jsonl")]) == 2
   assert "holds no records" in capsys.readouterr().err

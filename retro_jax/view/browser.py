@@ -6,8 +6,10 @@ and chunk loads finish before the DOM is dumped; the page sets `data-ready` on <
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import tempfile
 import urllib.parse
@@ -33,18 +35,30 @@ def file_url(path: str, fragment: str = "") -> str:
   return f"{url}#{urllib.parse.quote(fragment, safe='=&,;')}" if fragment else url
 
 
-def _run(arguments: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+class BrowserTimeout(RuntimeError):
+  """Chromium did not finish in time; it and every process it started were killed."""
+
+
+def _run(arguments: list[str], timeout_s: float) -> str:
+  """Chromium's stdout. It runs in its own process group, so that a timeout ends its renderers too."""
   with tempfile.TemporaryDirectory(prefix="retro_view_chromium_") as profile:
     command = [chromium_path(), *FLAGS, f"--user-data-dir={profile}", *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
-  if result.returncode != 0:
-    raise RuntimeError(f"chromium exited {result.returncode}: {result.stderr[-2000:]}")
-  return result
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+      try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+      except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise BrowserTimeout(f"chromium did not finish in {timeout_s:.0f} s") from None
+  if process.returncode != 0:
+    raise RuntimeError(f"chromium exited {process.returncode}: {stderr[-2000:]}")
+  return stdout
 
 
 def dump_dom(url: str, budget_ms: int = 10_000, timeout_s: float = 120) -> str:
   """The serialized DOM of `url` once its scripts ran (up to `budget_ms` of virtual time)."""
-  return _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout_s).stdout
+  return _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout_s)
 
 
 def screenshot(url: str, path: str, width: int = 1280, height: int = 1000, budget_ms: int = 10_000,

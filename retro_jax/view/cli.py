@@ -41,6 +41,9 @@ def view_main(argv: Sequence[str] = ()) -> int:
   except report.ViewInputError as error:
     print(f"{PROG}: {error}", file=sys.stderr)
     return 2
+  except OSError as error:  # an output folder that cannot be made or written
+    print(f"{PROG}: cannot write {output}: {error.strerror or error}", file=sys.stderr)
+    return 2
   statuses = ", ".join(f"{n} {status}" for status, n in sorted(summary.statuses.items(), key=lambda kv: -kv[1]))
   print(f"{output}: {summary.records} records ({statuses}); {summary.html_bytes / 2**20:.1f} MB"
         + (f", records' data in {summary.data_dir} ({summary.chunks} files)" if summary.data_dir else "")

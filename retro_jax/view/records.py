@@ -96,7 +96,8 @@ def search_detail(record: dict, keywords: Sequence[str]) -> dict:
 def tree_detail(record: dict) -> dict:
   nodes = [{"id": node.get("id"), "parent": node.get("parent"), "type": _text(node.get("type")),
             "text": _text(node.get("text")), "visits": _number(node.get("visits")),
-            "reward": _number(node.get("total_reward")), "depth": _number(node.get("depth"))}
+            "reward": _number(node.get("total_reward")), "depth": _number(node.get("depth")),
+            "correct": node.get("correct") if isinstance(node.get("correct"), bool) else None}
            for node in record["nodes"] if isinstance(node, dict)]
   return {"kind": "tree", "question": _text(record.get("question")), "answer": _text(record.get("answer")),
           "nodes": nodes, "counts": _scalars(record, ("id", "question", "answer", "status", "nodes")),

@@ -75,6 +75,7 @@
       record: params.has("record") ? params.get("record") : null,
       status: new Set(status),
       q: params.get("q") || "",
+      inTraces: params.get("in") === "traces",
       sort: SORTS[params.get("sort")] ? params.get("sort") : "file",
       page: Math.max(1, parseInt(params.get("page") || "1", 10) || 1),
       per: per > 0 ? per : config.perPage,
@@ -88,6 +89,7 @@
     } else {
       if (state.status.size) params.set("status", [...state.status].join(","));
       if (state.q) params.set("q", state.q);
+      if (state.inTraces) params.set("in", "traces");
       if (state.sort !== "file") params.set("sort", state.sort);
       if (state.page > 1) params.set("page", state.page);
       if (state.per !== config.perPage) params.set("per", state.per);
@@ -95,14 +97,33 @@
     location.hash = params.toString();
   }
 
-  function selected(state) {
+  // Every text of a record: what a search "in traces" looks through.
+  function recordText(detail) {
+    const parts = [detail.question || "", detail.answer || ""];
+    if (detail.original) parts.push(detail.original.head, ...detail.original.steps, detail.original.solution);
+    if (detail.revised) parts.push(...detail.revised.steps, detail.revised.solution);
+    for (const rollout of detail.rollouts || []) parts.push(String(rollout.text ?? ""));
+    for (const node of detail.nodes || []) parts.push(node.text);
+    return parts.join("\n").toLowerCase();
+  }
+
+  // The entries the state selects, in its order. A search in the index (id, question, gold) is instant; one
+  // "in traces" opens every chunk of the records the status filter keeps, so it takes longer on large reports.
+  async function selected(state) {
     let entries;
     if (state.record !== null) {
       entries = index.filter((e) => e.id === state.record);
     } else {
       const q = state.q.toLowerCase();
-      entries = index.filter((e) => (!state.status.size || state.status.has(e.status))
-        && (!q || (e.id + "\n" + e.q + "\n" + e.a).toLowerCase().includes(q)));
+      entries = index.filter((e) => !state.status.size || state.status.has(e.status));
+      if (q) {
+        const inIndex = (e) => (e.id + "\n" + e.q + "\n" + e.a).toLowerCase().includes(q);
+        const kept = [];
+        for (const e of entries) {
+          if (inIndex(e) || (state.inTraces && recordText(await detailOf(e)).includes(q))) kept.push(e);
+        }
+        entries = kept;
+      }
     }
     const key = SORTS[state.sort][1];
     return entries.sort((a, b) => key(a) - key(b) || a.n - b.n);
@@ -129,10 +150,14 @@
       clearTimeout(timer);
       timer = setTimeout(() => writeState(Object.assign(readState(), { q: search.value, page: 1, record: null })), 250);
     });
+    const inTraces = el("input", { type: "checkbox", id: "in-traces" });
+    inTraces.addEventListener("change", () => writeState(Object.assign(readState(), { inTraces: inTraces.checked, page: 1 })));
     const sort = el("select", { id: "sort" });
     for (const [name, [label]] of Object.entries(SORTS)) sort.append(el("option", { value: name }, label));
     sort.addEventListener("change", () => writeState(Object.assign(readState(), { sort: sort.value, page: 1 })));
-    document.getElementById("controls").append(boxes, el("label", {}, "search ", search), el("label", {}, "sort ", sort),
+    document.getElementById("controls").append(boxes, el("label", {}, "search ", search),
+      el("label", { title: "also search the traces, rollouts and tree nodes (opens every record)" }, inTraces, " in traces"),
+      el("label", {}, "sort ", sort),
       el("span", { id: "shown-count" }));
   }
 
@@ -141,6 +166,7 @@
     const search = document.getElementById("search");
     if (document.activeElement !== search) search.value = state.q;
     document.getElementById("sort").value = state.sort;
+    document.getElementById("in-traces").checked = state.inTraces;
   }
 
   for (const button of document.querySelectorAll("button.status-count")) {
@@ -215,13 +241,15 @@
     function nodeView(node, depth) {
       seen.add(node.id);
       const mean = node.visits ? (node.reward / node.visits).toFixed(2) : "–";
-      const snippet = node.text.length > 90 ? node.text.slice(0, 90) + "…" : node.text;
+      const short = node.text.length <= 90; // the summary line shows all of it: no text block below
       const view = el("details", { class: "node t-" + node.type, "data-node": node.id, open: depth < 2 },
         el("summary", {}, el("span", { class: "type" }, node.type || "node"), " ",
           el("span", { class: "badge" }, "visits " + (node.visits ?? "–")),
           el("span", { class: "badge" }, "reward " + (node.reward ?? "–") + " (mean " + mean + ")"),
-          el("span", { class: "snippet" }, snippet)),
-        el("pre", { class: "trace" }, node.text));
+          node.correct === null || node.correct === undefined ? null
+            : el("span", { class: "badge " + (node.correct ? "correct" : "wrong") }, node.correct ? "correct" : "wrong"),
+          el("span", { class: "snippet" }, short ? node.text : node.text.slice(0, 90) + "…")),
+        short ? null : el("pre", { class: "trace" }, node.text));
       for (const child of children.get(node.id) || []) if (!seen.has(child.id)) view.append(nodeView(child, depth + 1));
       return view;
     }
@@ -276,12 +304,13 @@
     const ticket = ++renderCount;
     const state = readState();
     syncControls(state);
-    const entries = selected(state);
-    const first = (state.page - 1) * state.per;
-    const shown = entries.slice(first, first + state.per);
+    if (state.q && state.inTraces) document.getElementById("shown-count").textContent = "searching the traces…";
     const main = document.getElementById("records");
-    let details;
+    const first = (state.page - 1) * state.per;
+    let entries, shown, details;
     try {
+      entries = await selected(state);
+      shown = entries.slice(first, first + state.per);
       details = await Promise.all(shown.map(detailOf));
     } catch (error) {
       main.replaceChildren(el("p", { class: "reason" }, String(error)));
@@ -299,7 +328,6 @@
     document.body.dataset.ready = "1";
     document.body.dataset.shown = String(shown.length);
     document.body.dataset.matching = String(entries.length);
-    document.body.dataset.renderMs = String(Math.round(performance.now())); // since navigation start
   }
 
   buildControls();
