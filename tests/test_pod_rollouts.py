@@ -92,9 +92,15 @@ def test_pod_generate_equals_one_process_after_a_kill(work, generated):
   assert summary["samples"] == NUM_PROBLEMS
 
 
-def test_pod_search_equals_one_process_after_a_kill_and_a_rerun_only_merges(work, generated):
+@pytest.fixture(scope="module")
+def searched(work, generated):
+  """The single-process reference search of the reference traces."""
   _run(work, [*SEARCH, "--input", str(generated), "--output", str(work / "revised.jsonl")], "search-reference", 1)
-  reference = _records(work / "revised.jsonl")
+  return work / "revised.jsonl"
+
+
+def test_pod_search_equals_one_process_after_a_kill_and_a_rerun_only_merges(work, generated, searched):
+  reference = _records(searched)
   assert len(reference) == NUM_PROBLEMS and {r["status"] for r in reference} >= {"revised", "unchanged"}
   output = work / "pod_revised.jsonl"
   argv = [*SEARCH, "--input", str(generated), "--output", str(output)]
@@ -108,14 +114,20 @@ def test_pod_search_equals_one_process_after_a_kill_and_a_rerun_only_merges(work
   assert _records(output) == sorted(reference, key=lambda r: trace_ids.index(r["id"]))
 
 
-def test_a_process_with_an_empty_share_finishes_cleanly(work, generated):
+def test_a_process_with_an_empty_share_finishes_cleanly(work, generated, searched):
+  """One input record: one process has nothing to do. Its owner finished it in an earlier run (its revised record
+  is already in the owner's shard), so neither process loads a model: the empty one waits, process 0 merges."""
   first = _records(generated)[0]
   (work / "one.jsonl").write_text(json.dumps(first) + "\n")
   output = work / "one_revised.jsonl"
-  job = _run(work, [*SEARCH, "--input", str(work / "one.jsonl"), "--output", str(output)], "search-one", PROCESSES)
   owner = shards.shard_of(first["id"], PROCESSES)
+  revised = next(r for r in _records(searched) if r["id"] == first["id"])
+  owner_shard = pathlib.Path(shards.Shard(str(output), owner, PROCESSES).path)
+  owner_shard.parent.mkdir(parents=True)
+  owner_shard.write_text(json.dumps(revised) + "\n")
+  job = _run(work, [*SEARCH, "--input", str(work / "one.jsonl"), "--output", str(output)], "search-one", PROCESSES)
   assert "share finished (0 records)" in job.log(1 - owner)
-  assert [r["id"] for r in _records(output)] == [first["id"]]
+  assert _records(output) == [revised]
 
 
 def test_a_second_job_on_the_same_output_is_refused(work, tmp_path):

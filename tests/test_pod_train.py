@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
     first = root / "pod" / "checkpoints" / str(CHECKPOINT_EVERY)
     deadline = time.monotonic() + 600
     while not first.exists() and time.monotonic() < deadline and all(p.poll() is None for p in job.processes):
-      time.sleep(0.2)
+      time.sleep(0.05)  # signal soon after the first checkpoint, long before the last step
     assert first.exists(), job.log(0)[-3000:]
     for process in job.processes:
       process.send_signal(signal.SIGTERM)
@@ -100,3 +100,11 @@ def test_pod_params_equal_one_process_and_the_export_loads_in_transformers(runs)
   ours = np.asarray(nnx.merge(graphdef, state)(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(24), (2, 24)))[0])
   theirs = torch_logits(transformers.Qwen2ForCausalLM.from_pretrained(str(root / "pod" / "export")), tokens)
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_checkpoint_paths_keep_cloud_urls_and_make_local_paths_absolute(monkeypatch, tmp_path):
+  from retro_jax.checkpoint.train_state import checkpoint_path  # pylint: disable=import-outside-toplevel
+
+  assert str(checkpoint_path("gs://bucket/runs/r1/checkpoints")) == "gs://bucket/runs/r1/checkpoints"
+  monkeypatch.chdir(tmp_path)
+  assert str(checkpoint_path("runs/checkpoints")) == str(tmp_path / "runs" / "checkpoints")
