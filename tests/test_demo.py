@@ -51,7 +51,7 @@ def quick_demo_notebook(tmp_path_factory):
   """(the demo's output folder, the executed notebook): the notebook as committed, writing to a temporary folder."""
   out = str(tmp_path_factory.mktemp("notebook") / "demo")
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  settings = next(cell for cell in notebook.cells if cell.source.startswith("OUTPUT = "))
+  settings = next(cell for cell in notebook.cells if cell.source.startswith("output_dir = "))
   settings.source = settings.source.replace("'/content/demo'", repr(out), 1)
   nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3").execute()
   return out, notebook
