@@ -35,7 +35,8 @@ setup(
     ],
     extras_require={
         # torch is only the independent reference for parity tests (2.13.0 has a CPU build here).
-        "test": ["pytest>=8", "torch==2.13.0"],
+        # nbclient, nbformat and ipykernel execute the CPU Colab notebook (tests/test_demo.py).
+        "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # Online benchmark / dataset loading through the HF hub on users' machines.
         "hf": ["datasets>=3.0"],
     },

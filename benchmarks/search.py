@@ -8,7 +8,7 @@ each token once instead of once per boundary. The bundled tiny reasoner's 75-tok
 - Traces: synthetic, built here from a seed (question, gold answer, `--steps` reasoning steps of which
   `--switches` open with a transition keyword, a boxed answer); each is >= 1,000 tokens of the tokenizer.
 - Reviser: a random-weight Qwen2 of `--shape` ("tiny": the bundled reasoner's architecture, d 192 / 4 layers;
-  "qwen2.5-0.5b": that architecture) with the bundled reasoner's tokenizer (vocab 405) and no EOS token, so
+  "qwen2.5-0.5b": that architecture) with the bundled reasoner's tokenizer (406 ids) and no EOS token, so
   every rollout runs to its token budget and is graded R = 0: the search keeps every original trace.
 - The four combinations (prefix reuse on/off x length-bounded rollouts on/off) share one compiled engine, each
   with its own driver (its own prefix cache). Untimed warm-up first: the engine's decode programs for every
@@ -161,8 +161,9 @@ def main() -> None:
         wall, summary, stats, rollouts[(reuse, bound)] = _search(
             engine, tokenizer, grader, timed_path, out, SearchConfig(**config, length_bounded_rollouts=bound),
             prefix_reuse=reuse)
-        outputs[(reuse, bound)] = [
-            {k: v for k, v in r.items() if k not in ("rollouts", "tokens_generated")} for r in map(json.loads, open(out, encoding="utf-8"))]
+        outputs[(reuse, bound)] = {  # by id: records finish in a different order in each run
+            r["id"]: {k: v for k, v in r.items() if k not in ("rollouts", "tokens_generated")}
+            for r in map(json.loads, open(out, encoding="utf-8"))}
         n = summary["records"]
         runs.append({
             "prefix_reuse": reuse, "length_bounded_rollouts": bound, "wall_s": round(wall, 2),

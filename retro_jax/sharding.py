@@ -73,7 +73,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[A
 
 
 def serving_mesh(tensor: int = 0, replicas: int = 0, devices: Sequence[Any] | None = None,
-                 tensor_dims: Sequence[int] = ()) -> Mesh:
+                 tensor_dims: Sequence[int] = (), slots: int = 0) -> Mesh:
   """The mesh one process serves on: its local chips as `replicas` x `tensor` ("data" x "tensor").
 
   Under SERVE_RULES each index of "data" is an engine replica: it holds the whole model, split over its `tensor`
@@ -81,7 +81,9 @@ def serving_mesh(tensor: int = 0, replicas: int = 0, devices: Sequence[Any] | No
   costs nothing here: every replica decodes the same number of tokens per step.) 0 means automatic: `tensor`
   becomes the largest count of the chips left per replica that divides every size in `tensor_dims` (the model
   dimensions SERVE_RULES splits over "tensor": heads, KV heads, MLP, vocab; the KV heads usually bound it), and
-  `replicas` the chips left over. Across hosts there is one such mesh per process.
+  `replicas` the chips left over, fewer where that count does not divide `slots` (the decode slots, split evenly
+  over the replicas; 0: any count): 4 slots on 8 one-chip replicas serve on 4. Across hosts there is one such
+  mesh per process.
   """
   devices = list(devices if devices is not None else jax.local_devices())
   if tensor < 0 or replicas < 0:
@@ -90,7 +92,8 @@ def serving_mesh(tensor: int = 0, replicas: int = 0, devices: Sequence[Any] | No
     per_replica = len(devices) // max(replicas, 1)
     tensor = max(t for t in range(1, per_replica + 1)
                  if per_replica % t == 0 and all(dim % t == 0 for dim in tensor_dims))
-  replicas = replicas or len(devices) // tensor
+  if not replicas:
+    replicas = max(r for r in range(1, len(devices) // tensor + 1) if not slots or slots % r == 0)
   if replicas * tensor > len(devices) or replicas * tensor == 0:
     raise ShardingError(f"{replicas} replicas x {tensor} chips need {replicas * tensor} local devices, "
                         f"this process has {len(devices)}")

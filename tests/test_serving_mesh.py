@@ -19,6 +19,9 @@ def test_serving_mesh_layouts():
   assert shape(sharding.serving_mesh(tensor=4, tensor_dims=(8, 4, 128, 128))) == (2, 4)
   assert shape(sharding.serving_mesh(replicas=2, tensor_dims=(8, 4, 128, 128))) == (2, 4)
   assert shape(sharding.serving_mesh(tensor=1, replicas=1)) == (1, 1)
+  # Automatic replicas split the decode slots evenly: 4 slots on 8 one-chip replicas leave 4 chips idle.
+  assert shape(sharding.serving_mesh(tensor_dims=(6, 1, 512, 405), slots=4)) == (4, 1)
+  assert shape(sharding.serving_mesh(tensor_dims=(6, 1, 512, 405), slots=6)) == (6, 1)
   assert set(sharding.serving_mesh().devices.flat) <= set(jax.local_devices())
   with pytest.raises(sharding.ShardingError, match="need 12 local devices"):
     sharding.serving_mesh(tensor=4, replicas=3)

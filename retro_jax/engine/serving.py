@@ -72,4 +72,5 @@ def serving_mesh_for(model_dir: str, engine) -> Mesh:
   (see sharding.serving_mesh)."""
   model = Qwen2Config.from_pretrained(model_dir)
   return sharding.serving_mesh(engine.tensor, engine.replicas_per_host, tensor_dims=(
-      model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size))
+      model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size),
+      slots=engine.max_concurrent_decodes)
