@@ -16,7 +16,6 @@ report the earlier run's stages as its own.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -275,32 +274,3 @@ def run_demo(config: DemoConfig) -> dict:
       summaries[name] = evaluate_model(config, name, models[name], problems, grader)
   _log(f"5/5 report (traces: {write_trace_report(config, revised)})")
   return write_report(config, effect, summaries, time.time() - start)
-
-
-def argument_parser() -> argparse.ArgumentParser:
-  """The command's flags (also what `--dry-run` parses)."""
-  parser = argparse.ArgumentParser(prog="retro-jax demo", description=__doc__.splitlines()[0])
-  parser.add_argument("--output", default="retro_jax_demo", help="output directory (resumed when it exists)")
-  parser.add_argument("--model", default=DEFAULT_MODEL, help="the model to improve (default: the tiny reasoner)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of every stage")
-  parser.add_argument("--method", choices=("retro", "treecot"), default="retro",
-                      help="retro: Retro-Search self-improvement; treecot: tree-CoT data, SFT, cDPO vs DPO")
-  return parser
-
-
-def main(argv: list[str]) -> int:
-  parser = argument_parser()
-  args = parser.parse_args(argv)
-  if args.method == "treecot":
-    from retro_jax.demo_treecot import TreeDemoConfig, run_treecot_demo  # pylint: disable=import-outside-toplevel
-    make = TreeDemoConfig.quick if args.quick else TreeDemoConfig
-    run_treecot_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
-    print(f"report: {os.path.join(args.output, 'report.md')}")
-    return 0
-  make = DemoConfig.quick if args.quick else DemoConfig
-  result = run_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
-  missed = [name for name, ok in result["checks"].items() if not ok]
-  print(f"report: {os.path.join(args.output, 'report.md')}"
-        + (f"\n(expected result not reached: {'; '.join(missed)})" if missed and not args.quick else ""))
-  return 0

@@ -61,7 +61,7 @@ def _argparse_config(module: str) -> Callable[[Sequence[str]], Any]:
 
 RESOLVERS: dict[str, Callable[[Sequence[str]], Any]] = {
     "generate": _search_config("generate"), "search": _search_config("search"), "sft": _train_config("sft"),
-    "dpo": _train_config("dpo"), "eval": _eval_config, "demo": _argparse_config("retro_jax.demo"),
+    "dpo": _train_config("dpo"), "eval": _eval_config, "demo": _argparse_config("retro_jax.demo_cli"),
     "build-tiny-reasoner": _argparse_config("retro_jax.tasks.build"), "tree": _search_config("tree"),
     "pairs": _pairs_config, "view": _argparse_config("retro_jax.view.cli"),
 }
