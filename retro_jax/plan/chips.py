@@ -72,10 +72,12 @@ def resolve(topology: str) -> tuple[Chip, str]:
 def devices(topology_name: str, num_slices: int = 1) -> list:
   """The TPU devices of `num_slices` slices of a topology, from libtpu, on any machine.
 
-  TPU_SKIP_MDS_QUERY keeps libtpu from waiting minutes on cloud metadata a CPU machine cannot reach, and
-  ALLOW_MULTIPLE_LIBTPU_LOAD lets it start while another process on the machine holds libtpu's lock file.
+  TPU_SKIP_MDS_QUERY keeps libtpu from waiting minutes on cloud metadata a CPU machine cannot reach (and
+  TPU_WORKER_HOSTNAMES from logging an error about it), and ALLOW_MULTIPLE_LIBTPU_LOAD lets it start while
+  another process on the machine holds libtpu's lock file.
   """
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel

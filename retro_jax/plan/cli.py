@@ -141,9 +141,12 @@ def print_table(plans) -> None:
         f"{'HBM GB':>7} {'TFLOP':>9} {'GB moved':>9} {'roofline s':>11} {'compile s':>10}")
   for p in plans:
     mark = "" if p.fits else "  <- does not fit"
+    if p.flops is None:
+      cost = f"{'-':>9} {'-':>9} {'-':>11}"
+    else:
+      cost = f"{p.flops / 1e12:>9.2f} {p.bytes_accessed / 1e9:>9.1f} {p.roofline_s:>11.4g}"
     print(f"{p.name:<24} {_gb(p.argument_bytes):>8} {_gb(p.output_bytes):>7} {_gb(p.temp_bytes):>8} "
-          f"{_gb(p.resident_bytes):>9} {_gb(p.total_bytes):>9} {_gb(p.hbm_bytes):>7} {p.flops / 1e12:>9.2f} "
-          f"{p.bytes_accessed / 1e9:>9.1f} {p.roofline_s:>11.4g} {p.compile_s:>10.1f}{mark}")
+          f"{_gb(p.resident_bytes):>9} {_gb(p.total_bytes):>9} {_gb(p.hbm_bytes):>7} {cost} {p.compile_s:>10.1f}{mark}")
   if any(p.uncounted_loops for p in plans):
     print("(XLA counts a loop body once: programs with uncounted loops report FLOPs and bytes as lower bounds)")
 
@@ -178,6 +181,14 @@ def trainer_eval_rows(config) -> int:
   return trainer.eval_batch_size(config)
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+  """Errors that mean the config or the topology is wrong, not the code (bugs keep their traceback)."""
+  from retro_jax.models.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from retro_jax.plan.chips import TopologyError  # pylint: disable=import-outside-toplevel
+  from retro_jax.sharding import ShardingError  # pylint: disable=import-outside-toplevel
+  return ConfigError, TopologyError, ShardingError
+
+
 def plan_main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in ("-h", "--help") for a in argv):
@@ -185,7 +196,7 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
     return 0
   try:
     return _run(argv)
-  except (PlanError, flags.Error, AttributeError, KeyError, ValueError, FileNotFoundError) as e:
+  except (PlanError, flags.Error, AttributeError, KeyError, FileNotFoundError, *_input_errors()) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"{PROG}: {message}", file=sys.stderr)
     return 2
@@ -217,7 +228,7 @@ def _run(argv: Sequence[str]) -> int:
 
   report = {"command": command, "config": config_cli.config_file_arg(argv) or f"default {command} config",
             "topology": {"name": topology, "num_slices": values.num_slices, "devices": len(devs),
-                         "devices_per_chip": per_chip, **dataclasses.asdict(chip)},
+                         "devices_per_chip": per_chip, "chip": dataclasses.asdict(chip)},
             "model": {"source": origin, "num_params": cfg.num_params, "num_layers": cfg.num_layers,
                       "param_dtype": cfg.param_dtype, "dtype": cfg.dtype},
             "versions": _versions()}
@@ -281,13 +292,13 @@ def _training_figures(config, cfg, mesh, step, chip, per_chip) -> dict:
   at_mfu = TRAINING_MFU * chip.peak_bf16_flops * chips_ / per_token
   return {"tokens_per_step": tokens, "model_flops_per_token": per_token,
           "tokens_per_s_at_40pct_mfu": at_mfu, "step_s_at_40pct_mfu": tokens / at_mfu,
-          "step_s_roofline": step.roofline_s, "tokens_per_s_roofline": tokens / step.roofline_s,
+          "step_s_roofline": step.roofline_s, "tokens_per_s_roofline": step.roofline_s and tokens / step.roofline_s,
           "model_flops_per_step_per_device": per_token * tokens / mesh.devices.size,
           "xla_flops_per_step_per_device": step.flops}
 
 
 def _print_figures(report: dict) -> None:
-  if "training" in report:
+  if "training" in report and report["training"]["step_s_roofline"]:
     t = report["training"]
     print(f"[plan] train step: {t['tokens_per_step']:,} tokens; at 40% MFU {t['tokens_per_s_at_40pct_mfu']:,.0f} "
           f"tokens/s ({t['step_s_at_40pct_mfu']:.2f} s/step); roofline {t['step_s_roofline']:.2f} s/step "
@@ -297,5 +308,6 @@ def _print_figures(report: dict) -> None:
     print(f"[plan] per device: weights {_gb(s['weights_bytes'])} GB, KV cache {_gb(s['kv_cache_bytes'])} GB "
           f"({s['max_concurrent_decodes']} slots x {s['max_seq_len']} tokens, {s['kv_bytes_per_token']:.0f} B/token), "
           f"prefix cache {_gb(s['prefix_cache_bytes'])} GB; room for {s['kv_tokens_that_fit']:,} KV tokens")
-    print(f"[plan] decode at the roofline, every slot at full length: {s['decode_tokens_per_s_roofline']:,.0f} "
-          f"tokens/s per replica ({s['decode_step_roofline_s'] * 1e3:.2f} ms/step), {s['replicas']} replica(s)")
+    if s["decode_tokens_per_s_roofline"]:
+      print(f"[plan] decode at the roofline, every slot at full length: {s['decode_tokens_per_s_roofline']:,.0f} "
+            f"tokens/s per replica ({s['decode_step_roofline_s'] * 1e3:.2f} ms/step), {s['replicas']} replica(s)")

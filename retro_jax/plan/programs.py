@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any, Iterator
 
@@ -43,9 +44,9 @@ class ProgramPlan:
   resident_bytes: int
   total_bytes: int
   hbm_bytes: float
-  flops: float
-  bytes_accessed: float
-  roofline_s: float
+  flops: float | None  # None where the compiler refused the program (over HBM)
+  bytes_accessed: float | None
+  roofline_s: float | None
   compile_s: float
   loop_scale: int = 1  # the trip count applied to XLA's cost (grad accumulation, decode steps)
   uncounted_loops: int = 0
@@ -80,12 +81,20 @@ def _cost(compiled) -> tuple[float, float]:
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def measure(name: str, lowered, device: Device, *, resident_bytes: int = 0, loop_scale: int = 1,
-            outside_loop: tuple[float, float] = (0.0, 0.0), scaled_loops: int = 0) -> ProgramPlan:
+def measure(name: str, lowered, device: Device, *, arguments: Any = (), resident_bytes: int = 0,
+            loop_scale: int = 1, outside_loop: tuple[float, float] = (0.0, 0.0), scaled_loops: int = 0
+            ) -> ProgramPlan:
   """Compiles `lowered` and reads its memory and cost. With `loop_scale` n > 1, the cost inside the one loop
-  XLA counted once is multiplied: cost = outside + n x (xla - outside)."""
+  XLA counted once is multiplied: cost = outside + n x (xla - outside). `arguments` (the abstract inputs, with
+  shardings) give the argument bytes when the compiler refuses a program that cannot fit."""
   start = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    over = _over_hbm(str(e))
+    if over is None:
+      raise
+    return _refused(name, arguments, device, over, resident_bytes, time.perf_counter() - start)
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   flops, accessed = _cost(compiled)
@@ -100,6 +109,21 @@ def measure(name: str, lowered, device: Device, *, resident_bytes: int = 0, loop
                      resident_bytes=resident_bytes, total_bytes=arg + out - alias + temp + resident_bytes,
                      hbm_bytes=device.hbm_bytes, flops=flops, bytes_accessed=accessed, roofline_s=roofline,
                      compile_s=compile_s, loop_scale=loop_scale, uncounted_loops=max(loops - scaled_loops, 0))
+
+
+def _over_hbm(message: str) -> int | None:
+  """The temp bytes of XLA's "Ran out of memory on HBM" refusal (XLA prints binary units: G = GiB)."""
+  match = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  return None if match is None else int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2)))
+
+
+def _refused(name: str, arguments: Any, device: Device, temp: int, resident: int, compile_s: float) -> ProgramPlan:
+  """A program the TPU compiler refused because its temporaries alone exceed HBM: no cost figures, the
+  arguments counted from their shapes (outputs assumed donated in place)."""
+  args = per_device_bytes(arguments)
+  return ProgramPlan(name=name, argument_bytes=args, output_bytes=0, alias_bytes=0, temp_bytes=temp,
+                     resident_bytes=resident, total_bytes=args + temp + resident, hbm_bytes=device.hbm_bytes,
+                     flops=None, bytes_accessed=None, roofline_s=None, compile_s=compile_s)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -131,7 +155,10 @@ def training_programs(command: str, config, model_config: Qwen2Config, mesh, dev
   state = _abstract(jax.eval_shape(trainer.initial_state_fn(tx, config.seed), params), state_sh)
 
   accum = config.grad_accum_steps
-  input_pipeline.process_batch_size(config.batch_size, accum, mesh)  # the run's own batch-split check
+  try:
+    input_pipeline.process_batch_size(config.batch_size, accum, mesh)  # the run's own batch-split check
+  except ValueError as e:
+    raise sharding.ShardingError(str(e)) from e
   row = example_row(command, config.data.seq_len)
   micro = {k: v[None, None] for k, v in row.items()}
   batch_sh = input_pipeline.batch_shardings(micro, mesh, batch_axis=1)
@@ -147,8 +174,8 @@ def training_programs(command: str, config, model_config: Qwen2Config, mesh, dev
     update_plan = measure("optimizer_update", jax.jit(update, donate_argnums=(1, 2)).lower(
         state["params"], state["opt_state"], state["params"]), device)
     update_cost = (update_plan.flops, update_plan.bytes_accessed)
-  yield measure("train_step", step.lower(state, batch), device, loop_scale=accum, outside_loop=update_cost,
-                scaled_loops=1 if accum > 1 else 0)
+  yield measure("train_step", step.lower(state, batch), device, arguments=(state, batch), loop_scale=accum,
+                outside_loop=update_cost, scaled_loops=1 if accum > 1 else 0)
 
   eval_rows = trainer.eval_batch_size(config)
   eval_row = {k: v[None] for k, v in row.items()}
@@ -157,7 +184,7 @@ def training_programs(command: str, config, model_config: Qwen2Config, mesh, dev
   eval_step = trainer.make_eval_step(graphdef, task, param_sh, eval_sh, mesh)
   others = {k: v for k, v in state.items() if k != "params"}  # the optimizer state stays on device during eval
   yield measure("eval_step", eval_step.lower(state["params"], eval_batch), device,
-                resident_bytes=per_device_bytes(others))
+                arguments=(state["params"], eval_batch), resident_bytes=per_device_bytes(others))
 
 
 # ---- serving --------------------------------------------------------------------------------------------------
@@ -178,28 +205,32 @@ def serving_programs(model_config: Qwen2Config, mesh, device: Device, shape: Ser
   """Plans of the engine's prefill buckets, inserts and generate step at the configured slots and length, and
   the serving figures: weights and KV-cache bytes per device, KV bytes per token, decode tokens/s at the
   roofline."""
-  from retro_jax.engine.qwen2_engine import Qwen2Engine  # pylint: disable=import-outside-toplevel
+  from retro_jax.engine.qwen2_engine import Qwen2Engine, bucket  # pylint: disable=import-outside-toplevel
   model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config, nnx.Rngs(0)))
   engine = Qwen2Engine(model, max_concurrent_decodes=shape.max_concurrent_decodes, max_seq_len=shape.max_seq_len,
                        decode_steps=shape.decode_steps, mesh=mesh)
   state = nnx.state(model)
-  params = _abstract(state, sharding.state_shardings(state, mesh, sharding.SERVE_RULES))
+  params = _abstract(nnx.to_pure_dict(state),
+                     nnx.to_pure_dict(sharding.state_shardings(state, mesh, sharding.SERVE_RULES)))
   weights = per_device_bytes(params)
   decode_state = _abstract(jax.eval_shape(engine._init_state), engine._state_sharding)  # pylint: disable=protected-access
-  kv = per_device_bytes(decode_state.cache)
+  kv = per_device_bytes((decode_state.cache.keys, decode_state.cache.values))
   prefix_cache = shape.prefix_cache_bytes // mesh.shape["tensor"]  # its KV heads are split over tensor
   prefill = shape.prefill_lengths or [engine.prefill_buckets[-1]]
   plans = []
+  # per prefill bucket, the batched prefill of the most prompts (the largest) and its insert
+  largest = {f"{kind}[{bucket(engine.prefill_batch_size(t), 1, 1 << 30)}x{t}]" for t in prefill
+             for kind in ("prefill", "insert")}
   for name, lowered in engine.lowered_programs(params, prefill_lengths=prefill,
                                                attend_lengths=[engine.attend_buckets[-1]]):
-    if not name.startswith(("prefill", "insert", "generate")):
-      continue  # small programs (state init, sampling the first token, trims)
+    if name not in largest and not name.startswith("generate"):
+      continue  # smaller prefills, and small programs (state init, sampling the first token, trims)
     if name.startswith("generate"):
-      plans.append(measure(name, lowered, device, resident_bytes=prefix_cache, loop_scale=shape.decode_steps,
-                           scaled_loops=1))
+      plans.append(measure(name, lowered, device, arguments=(params, decode_state), resident_bytes=prefix_cache,
+                           loop_scale=shape.decode_steps, scaled_loops=1))
     else:  # the decode state and the prefix cache stay in memory while a prompt is prefilled and inserted
       resident = (kv + prefix_cache) if name.startswith("prefill") else prefix_cache
-      plans.append(measure(name, lowered, device, resident_bytes=resident))
+      plans.append(measure(name, lowered, device, arguments=params, resident_bytes=resident))
   generate = plans[-1]
   kv_per_token = kv / (shape.max_concurrent_decodes * shape.max_seq_len)
   summary = {
@@ -207,8 +238,9 @@ def serving_programs(model_config: Qwen2Config, mesh, device: Device, shape: Ser
       "prefix_cache_bytes": prefix_cache, "max_concurrent_decodes": shape.max_concurrent_decodes,
       "max_seq_len": shape.max_seq_len, "decode_steps": shape.decode_steps,
       # every slot at full length: the slowest decode step of this engine
-      "decode_step_roofline_s": generate.roofline_s / shape.decode_steps,
-      "decode_tokens_per_s_roofline": shape.max_concurrent_decodes * shape.decode_steps / generate.roofline_s,
+      "decode_step_roofline_s": generate.roofline_s and generate.roofline_s / shape.decode_steps,
+      "decode_tokens_per_s_roofline": generate.roofline_s and (
+          shape.max_concurrent_decodes * shape.decode_steps / generate.roofline_s),
       # KV tokens the memory left after weights, the largest program's temp and the prefix cache would hold
       "kv_tokens_that_fit": int(max(device.hbm_bytes - weights - max(p.temp_bytes for p in plans) - prefix_cache,
                                     0) // kv_per_token),
