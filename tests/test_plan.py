@@ -90,6 +90,8 @@ def test_generate_plan_reports_kv_bytes_and_decode_roofline(tmp_path):
     (["--config", "configs/tiny_reasoner_sft.py", "--topology", "v5e:2x2", "--config.mesh.data=8",
       "--config.mesh.fsdp=1"], "needs 8 devices, only 4"),
     (["--command", "search", "--model", "/nowhere/model"], "pass --shape"),
+    (["--config", "configs/tiny_reasoner_sft.py", "--topology", "v5e:2x2", "--num_slices", "2"],
+     "data is the axis across slices"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
   assert plan_main(argv) == 2

@@ -214,7 +214,7 @@ def _run(argv: Sequence[str]) -> int:
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     if values.topology is None and -1 in sizes:
       raise PlanError("the config's mesh has a -1 axis: pass --topology to say how many chips")
-    default_topology = f"v5p-{2 * max(1, int(abs(_prod(sizes))))}"
+    default_topology = f"v5p-{2 * max(1, _prod(sizes) // values.num_slices)}"
   else:
     cfg, origin = model_config(config.model, values.shape, values.num_layers, param_dtype=config.engine.dtype,
                                dtype=config.engine.dtype)
@@ -233,10 +233,18 @@ def _run(argv: Sequence[str]) -> int:
                       "param_dtype": cfg.param_dtype, "dtype": cfg.dtype},
             "versions": _versions()}
   if training:
-    data = config.mesh.data * values.num_slices  # slices are data-parallel over DCN, as MaxText's dcn_data axis
-    mesh = sharding.make_mesh(data, config.mesh.fsdp, config.mesh.tensor, devices=devs)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devs)
+    if values.num_slices > 1 and (mesh.shape["data"] % values.num_slices or mesh.devices.size != len(devs)):
+      # devices come slice by slice, so the outermost axis, data, is the one that crosses DCN (pure data
+      # parallelism between slices: only the gradient all-reduce travels over the slower network)
+      raise PlanError(f"{values.num_slices} slices: the mesh must span all {len(devs)} devices with --config.mesh.data "
+                      f"a multiple of {values.num_slices} (data is the axis across slices), got {dict(mesh.shape)}")
+    if mesh.devices.size < len(devs):
+      print(f"[plan] the mesh {dict(mesh.shape)} uses {mesh.devices.size} of the topology's {len(devs)} devices",
+            flush=True)
     plans = list(programs.training_programs(command, config, cfg, mesh, device))
-    report["training"] = _training_figures(config, cfg, mesh, plans[0], chip, per_chip)
+    step = next(p for p in plans if p.name == "train_step")
+    report["training"] = _training_figures(config, cfg, mesh, step, chip, per_chip)
   else:
     tensor = values.tensor or config.engine.get("tensor", 0) or len(devs)
     mesh = sharding.make_mesh(1, 1, tensor, devices=devs[:tensor])

@@ -172,8 +172,10 @@ def training_programs(command: str, config, model_config: Qwen2Config, mesh, dev
       updates, opt_state = tx.update(grads, opt_state, p)
       return optax.apply_updates(p, updates), opt_state
     update_plan = measure("optimizer_update", jax.jit(update, donate_argnums=(1, 2)).lower(
-        state["params"], state["opt_state"], state["params"]), device)
-    update_cost = (update_plan.flops, update_plan.bytes_accessed)
+        state["params"], state["opt_state"], state["params"]), device,
+        arguments=(state["params"], state["opt_state"], state["params"]))
+    update_cost = (update_plan.flops or 0.0, update_plan.bytes_accessed or 0.0)
+    yield update_plan
   yield measure("train_step", step.lower(state, batch), device, arguments=(state, batch), loop_scale=accum,
                 outside_loop=update_cost, scaled_loops=1 if accum > 1 else 0)
 
