@@ -253,10 +253,7 @@ def _run(argv: Sequence[str]) -> int:
       print(f"[plan] engine.max_seq_len is 0 (fit the prompts): planning {max_len} = max_new_tokens + 1024 "
             "prompt tokens", flush=True)
     shape = programs.ServingShape(config.engine.max_concurrent_decodes, max_len, config.engine.get("decode_steps", 16),
-                                  None, _default_prefix_cache_bytes())
-    if values.all_buckets:
-      from retro_jax.engine.qwen2_engine import _pow2_buckets  # pylint: disable=import-outside-toplevel
-      shape = dataclasses.replace(shape, prefill_lengths=_pow2_buckets(16, max_len))
+                                  values.all_buckets, _default_prefix_cache_bytes())
     plans, serving = programs.serving_programs(cfg, mesh, device, shape)
     serving["replicas"] = len(devs) // tensor
     report["serving"] = serving

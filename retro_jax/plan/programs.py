@@ -198,7 +198,7 @@ class ServingShape:
   max_concurrent_decodes: int
   max_seq_len: int
   decode_steps: int
-  prefill_lengths: list[int] | None  # None: the largest bucket only
+  all_buckets: bool  # every prefill bucket, else the largest only
   prefix_cache_bytes: int
 
 
@@ -207,7 +207,7 @@ def serving_programs(model_config: Qwen2Config, mesh, device: Device, shape: Ser
   """Plans of the engine's prefill buckets, inserts and generate step at the configured slots and length, and
   the serving figures: weights and KV-cache bytes per device, KV bytes per token, decode tokens/s at the
   roofline."""
-  from retro_jax.engine.qwen2_engine import Qwen2Engine, bucket  # pylint: disable=import-outside-toplevel
+  from retro_jax.engine.qwen2_engine import Qwen2Engine  # pylint: disable=import-outside-toplevel
   model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config, nnx.Rngs(0)))
   engine = Qwen2Engine(model, max_concurrent_decodes=shape.max_concurrent_decodes, max_seq_len=shape.max_seq_len,
                        decode_steps=shape.decode_steps, mesh=mesh)
@@ -215,14 +215,15 @@ def serving_programs(model_config: Qwen2Config, mesh, device: Device, shape: Ser
   params = _abstract(nnx.to_pure_dict(state),
                      nnx.to_pure_dict(sharding.state_shardings(state, mesh, sharding.SERVE_RULES)))
   weights = per_device_bytes(params)
-  decode_state = _abstract(jax.eval_shape(engine._init_state), engine._state_sharding)  # pylint: disable=protected-access
+  # the decode state as `warmup` sees it (shapes and shardings; the engine has no public accessor for them)
+  decode_state = _abstract(jax.eval_shape(engine._init_state),  # pylint: disable=protected-access
+                           engine._state_sharding)  # pylint: disable=protected-access
   kv = per_device_bytes((decode_state.cache.keys, decode_state.cache.values))
   prefix_cache = shape.prefix_cache_bytes // mesh.shape["tensor"]  # its KV heads are split over tensor
-  prefill = shape.prefill_lengths or [engine.prefill_buckets[-1]]
+  prefill = engine.prefill_buckets if shape.all_buckets else engine.prefill_buckets[-1:]
   plans = []
   # per prefill bucket, the batched prefill of the most prompts (the largest) and its insert
-  largest = {f"{kind}[{bucket(engine.prefill_batch_size(t), 1, 1 << 30)}x{t}]" for t in prefill
-             for kind in ("prefill", "insert")}
+  largest = {f"{kind}[{engine.prefill_batch_size(t)}x{t}]" for t in prefill for kind in ("prefill", "insert")}
   for name, lowered in engine.lowered_programs(params, prefill_lengths=prefill,
                                                attend_lengths=[engine.attend_buckets[-1]]):
     if name not in largest and not name.startswith("generate"):
