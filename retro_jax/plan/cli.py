@@ -151,16 +151,17 @@ def print_table(plans) -> None:
     print("(XLA counts a loop body once: programs with uncounted loops report FLOPs and bytes as lower bounds)")
 
 
-def shrink_advice(command: str, config, plan, mesh) -> list[str]:
+def shrink_advice(command: str, config, plan, mesh, max_seq_len: int = 0) -> list[str]:
   """Settings that lower the offending program's memory, most effective first."""
   if command in ("sft", "dpo"):
+    from retro_jax.train import trainer  # pylint: disable=import-outside-toplevel
     advice = []
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = config.batch_size // config.grad_accum_steps
     if plan.name == "train_step" and micro > shards:
       advice.append(f"--config.grad_accum_steps={config.batch_size // shards} (one row per data x fsdp shard "
                     f"per micro-batch; now {micro // shards})")
-    if plan.name == "eval_step" and trainer_eval_rows(config) > shards:
+    if plan.name == "eval_step" and trainer.eval_batch_size(config) > shards:
       advice.append(f"--config.eval_batch_size={shards}")
     if config.remat != "full":
       advice.append("--config.remat=full (recompute each layer in the backward pass)")
@@ -171,14 +172,9 @@ def shrink_advice(command: str, config, plan, mesh) -> list[str]:
     return advice
   engine = config.engine
   return [f"--config.engine.max_concurrent_decodes={max(engine.max_concurrent_decodes // 2, 1)} or "
-          f"--config.engine.max_seq_len={max(engine.max_seq_len // 2, 1)} (the KV cache is slots x length)",
+          f"--config.engine.max_seq_len={max(max_seq_len // 2, 1)} (the KV cache is slots x length)",
           "--config.engine.dtype=bfloat16 (halves weights and KV)" if engine.dtype == "float32" else
           "more chips per replica (--tensor, up to the KV heads)"]
-
-
-def trainer_eval_rows(config) -> int:
-  from retro_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  return trainer.eval_batch_size(config)
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -271,7 +267,8 @@ def _run(argv: Sequence[str]) -> int:
   for p in misfits:
     print(f"{PROG}: {p.name} needs {_gb(p.total_bytes)} GB per device, {_gb(p.total_bytes - p.hbm_bytes)} GB over "
           f"the {_gb(p.hbm_bytes)} GB of HBM per device of {chip.name}. To shrink it: "
-          + "; ".join(shrink_advice(command, config, p, mesh)), file=sys.stderr)
+          + "; ".join(shrink_advice(command, config, p, mesh, report.get("serving", {}).get("max_seq_len", 0))),
+          file=sys.stderr)
   return EXIT_MISFIT if misfits else 0
 
 
