@@ -82,6 +82,7 @@ def test_generate_plan_reports_kv_bytes_and_decode_roofline(tmp_path):
   assert generate["argument_bytes"] >= serving["weights_bytes"] + kv
   assert generate["loop_scale"] == 16  # XLA counts the scan over decode steps once
   assert serving["decode_tokens_per_s_roofline"] == pytest.approx(2 * 16 / generate["roofline_s"])
+  assert serving["decode_tokens_per_s_read_bound"] == pytest.approx(2 * 819e9 / (serving["weights_bytes"] + kv))
 
 
 @pytest.mark.parametrize("argv, message", [

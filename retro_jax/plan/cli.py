@@ -312,4 +312,5 @@ def _print_figures(report: dict) -> None:
           f"prefix cache {_gb(s['prefix_cache_bytes'])} GB; room for {s['kv_tokens_that_fit']:,} KV tokens")
     if s["decode_tokens_per_s_roofline"]:
       print(f"[plan] decode at the roofline, every slot at full length: {s['decode_tokens_per_s_roofline']:,.0f} "
-            f"tokens/s per replica ({s['decode_step_roofline_s'] * 1e3:.2f} ms/step), {s['replicas']} replica(s)")
+            f"tokens/s per replica ({s['decode_step_roofline_s'] * 1e3:.2f} ms/step), {s['replicas']} replica(s); "
+            f"reading only the weights and KV once a step: {s['decode_tokens_per_s_read_bound']:,.0f} tokens/s")

@@ -244,6 +244,9 @@ def serving_programs(model_config: Qwen2Config, mesh, device: Device, shape: Ser
       "decode_step_roofline_s": generate.roofline_s and generate.roofline_s / shape.decode_steps,
       "decode_tokens_per_s_roofline": generate.roofline_s and (
           shape.max_concurrent_decodes * shape.decode_steps / generate.roofline_s),
+      # the best a step can do: read the weights and every slot's full KV once (XLA's bytes count more: it also
+      # charges the cache updates and copies of the compiled program)
+      "decode_tokens_per_s_read_bound": shape.max_concurrent_decodes * device.hbm_bytes_per_s / (weights + kv),
       # KV tokens the memory left after weights, the largest program's temp and the prefix cache would hold
       "kv_tokens_that_fit": int(max(device.hbm_bytes - weights - max(p.temp_bytes for p in plans) - prefix_cache,
                                     0) // kv_per_token),
