@@ -186,6 +186,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
 
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
+  # The plan compiles for the topology's TPU devices and runs nothing on them: what runs here (shape tracing)
+  # stays on the CPU, so libtpu is not claimed as this machine's backend (set before jax picks one).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in ("-h", "--help") for a in argv):
     print(__doc__)
