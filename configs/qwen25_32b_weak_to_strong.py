@@ -1,6 +1,6 @@
 """Retro-Search weak-to-strong: Qwen2.5-32B fine-tuned on R1 traces revised by R1-Distill-Qwen-32B.
 
-Paper setting (Lu et al., 2025, section 1 of docs/retro_search.md): a smaller model revises DeepSeek-R1-671B
+Paper setting (Lu et al., 2025, section 1 of retro_jax/search/README.md): a smaller model revises DeepSeek-R1-671B
 traces of OpenThoughts-114k; Qwen2.5-32B fine-tuned on the result: -11.3% length, +2.4% accuracy against
 fine-tuning on the original traces (the control: --config.data.trace_field=trace). Optimizer settings are our
 choices, in the range the OpenThoughts / Sky-T1 32B recipes use.

@@ -1,6 +1,6 @@
 """Retro-Search self-improvement: DeepSeek-R1-Distill-Qwen-7B fine-tuned on its own revised traces.
 
-Paper setting (Lu et al., 2025, section 1 of docs/retro_search.md): the model that wrote the traces revises
+Paper setting (Lu et al., 2025, section 1 of retro_jax/search/README.md): the model that wrote the traces revises
 them (M̂ = M), then is fine-tuned on the revised traces; reported: -31.2% length, +7.7% accuracy. Optimizer
 settings below are our choices for a full fine-tune of a 7B model on long traces, not the paper's.
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from retro_jax.user_errors import UserError
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):  # a UserError is a ValueError; the CLI prints it as one line
   """A config.json this port cannot serve faithfully (rather than silently computing something else)."""
 
 

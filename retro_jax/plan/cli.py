@@ -71,7 +71,8 @@ def command_of(config) -> str:
   raise PlanError("cannot tell which command this config is for (no dpo / optim / search / generate / eval key)")
 
 
-def _parse(argv: Sequence[str]):
+def parse(argv: Sequence[str]):
+  """The config, the flag values and the command to plan (also what `--dry-run` parses)."""
   command = next((a.split("=", 1)[1] for a in argv if a.startswith("--command=")), None)
   if command is None and "--command" in argv and argv.index("--command") + 1 < len(argv):
     command = argv[argv.index("--command") + 1]
@@ -202,7 +203,7 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-  config, values, command = _parse(argv)
+  config, values, command = parse(argv)
   from retro_jax import sharding  # pylint: disable=import-outside-toplevel
   from retro_jax.plan import chips, programs  # pylint: disable=import-outside-toplevel
   training = command in ("sft", "dpo")
