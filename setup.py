@@ -34,9 +34,12 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        # torch is only the independent reference for parity tests (2.13.0 has a CPU build here).
-        # nbclient, nbformat and ipykernel execute the CPU Colab notebook (tests/test_demo.py).
-        "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # torch is only the independent reference for parity tests (2.13.0 has a CPU build here); jax[tpu] brings
+        # libtpu, which tests/test_plan.py needs to compile for a TPU topology on a CPU machine; nbclient, nbformat
+        # and ipykernel execute the CPU Colab notebook (tests/test_demo.py).
+        "test": ["pytest>=8", "torch==2.13.0", "jax[tpu]", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # `retro-jax plan` on any machine, and running on Cloud TPU VMs: libtpu matched to the installed jax.
+        "tpu": ["jax[tpu]"],
         # Online benchmark / dataset loading through the HF hub on users' machines.
         "hf": ["datasets>=3.0"],
     },

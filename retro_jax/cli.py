@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "dpo": ("retro_jax.train.cli", "dpo_main", "conservative DPO with shared-prefix masking and an SFT term"),
     "eval": ("retro_jax.eval.cli", "eval_main", "accuracy and response length on the math benchmarks"),
     "view": ("retro_jax.view.cli", "view_main", "an HTML report of a search or tree output, record by record"),
+    "plan": ("retro_jax.plan.cli", "plan_main", "compile a config's programs for a TPU topology: memory, FLOPs, roofline"),
     "demo": ("retro_jax.demo_cli", "main", "the self-improvement loop end to end on the bundled tiny reasoner"),
     "build-tiny-reasoner": ("retro_jax.tasks.build", "main", "rebuild the bundled tiny reasoner from scratch"),
 }

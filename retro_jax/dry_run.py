@@ -51,6 +51,12 @@ def _eval_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
   return cli.parse_config(argv)[0]
 
 
+def _plan_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  from retro_jax.plan import cli  # pylint: disable=import-outside-toplevel
+
+  return cli.parse(argv)[0]
+
+
 def _argparse_config(module: str) -> Callable[[Sequence[str]], Any]:
   def resolve(argv: Sequence[str]) -> argparse.Namespace:
     import importlib  # pylint: disable=import-outside-toplevel
@@ -63,7 +69,7 @@ RESOLVERS: dict[str, Callable[[Sequence[str]], Any]] = {
     "generate": _search_config("generate"), "search": _search_config("search"), "sft": _train_config("sft"),
     "dpo": _train_config("dpo"), "eval": _eval_config, "demo": _argparse_config("retro_jax.demo_cli"),
     "build-tiny-reasoner": _argparse_config("retro_jax.tasks.build"), "tree": _search_config("tree"),
-    "pairs": _pairs_config, "view": _argparse_config("retro_jax.view.cli"),
+    "pairs": _pairs_config, "view": _argparse_config("retro_jax.view.cli"), "plan": _plan_config,
 }
 
 

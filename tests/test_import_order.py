@@ -7,7 +7,7 @@ import retro_jax
 
 PACKAGE = os.path.dirname(retro_jax.__file__)
 ORDER = ("user_errors", "jsonl", "config_cli", "sharding", "grading", "models", "checkpoint", "tokenization",
-         "engine", "search", "train", "eval", "tasks", "view", "demo", "demo_treecot", "demo_cli", "cli")
+         "engine", "search", "train", "eval", "tasks", "view", "plan", "demo", "demo_treecot", "demo_cli", "cli")
 
 
 def _top_level(name: str) -> str | None:
