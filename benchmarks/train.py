@@ -10,12 +10,14 @@ overhead) over the peak:
 - CPU: no spec sheet applies, so the peak is *measured*: the best float32 matmul rate of this machine
   (a 2048^3 jitted matmul), which makes the CPU MFU "fraction of what this CPU's matmul reaches".
 
-Cases (`shape@positions x rows`): "tiny" is the tiny reasoner's shape (d 256, 4 layers, vocab 512) in float32,
+Cases (`shape@positions x rows`): "tiny" is the bundled tiny reasoner's shape, read from its config.json (d 192,
+4 layers, 6 query / 2 KV heads, MLP 512, vocab 405, 1.65M parameters) in float32,
 at 512 and 256 positions per row (same tokens per step: the dense attention's share shows); these are the CPU
 cases. "0.5b" / "1.5b" are Qwen2.5-0.5B / 1.5B shapes at 2048 and 4096 positions in bfloat16 with "dots"
 remat: GPU-only, recorded as skipped where no GPU is present.
 
-The same command on CPU (about 2 minutes on 2 cores) and on a GPU machine:
+The same command on CPU and on a GPU machine (on 2 CPU cores shared with other jobs, load average 16 to 20, it took
+3 min 56 s; the JSON records the load, and its steps, not its best-of-5 matmul peak, slow down under contention):
   python benchmarks/train.py --out runs/benchmarks/train_cpu.json
 """
 from __future__ import annotations
@@ -34,14 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax import sharding
+from retro_jax.demo import DEFAULT_MODEL
 from retro_jax.models.config import SHAPES as PUBLISHED_SHAPES
 from retro_jax.models.config import Qwen2Config
 from retro_jax.train import config as config_lib
 from retro_jax.train import data, input_pipeline, metrics, sft, trainer
 
 SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2,
-                 head_dim=32, tie_word_embeddings=True),
     "0.5b": PUBLISHED_SHAPES["qwen2.5-0.5b"],
     "1.5b": PUBLISHED_SHAPES["qwen2.5-1.5b"],
 }
@@ -67,7 +68,10 @@ def run_case(shape_name: str, seq_len: int, rows: int, *, dtype: str, remat: str
   config = config_lib.sft_config()
   config.init, config.compute_dtype, config.remat = "scratch", dtype, remat
   config.data.seq_len, config.batch_size, config.loss_chunk_size = seq_len, rows, min(seq_len, 1024)
-  model_config = Qwen2Config(**SHAPES[shape_name], param_dtype="float32", dtype=dtype)
+  if shape_name == "tiny":  # read from the bundled model, so the benchmark follows it
+    model_config = Qwen2Config.from_pretrained(DEFAULT_MODEL).replace(param_dtype="float32", dtype=dtype)
+  else:
+    model_config = Qwen2Config(**SHAPES[shape_name], param_dtype="float32", dtype=dtype)
   s = trainer.Setup(config=config, mesh=sharding.make_mesh(1, 1, 1), tokenizer=None, model_config=model_config,
                     base_dir="")
   rng = np.random.default_rng(0)
@@ -113,7 +117,8 @@ def environment() -> dict:
   device = jax.devices()[0]
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
           "versions": versions, "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                            "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+                                            "cpu_count": os.cpu_count(), "loadavg_1_5_15min": os.getloadavg(),
+                                            "backend": jax.default_backend(),
                                             "device_kind": device.device_kind, "device_count": jax.device_count()}}
 
 

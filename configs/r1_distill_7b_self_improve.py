@@ -1,6 +1,6 @@
 """Retro-Search self-improvement: DeepSeek-R1-Distill-Qwen-7B fine-tuned on its own revised traces.
 
-Paper setting (Lu et al., 2025, section 1 of docs/retro_search.md): the model that wrote the traces revises
+Paper setting (Lu et al., 2025, section 1 of retro_jax/search/README.md): the model that wrote the traces revises
 them (M̂ = M), then is fine-tuned on the revised traces; reported: -31.2% length, +7.7% accuracy. Optimizer
 settings below are our choices for a full fine-tune of a 7B model on long traces, not the paper's.
 
@@ -8,12 +8,25 @@ Hardware: TPU v5p-32 = 16 chips (95 GB HBM, 459 bf16 TFLOP/s each), 4 hosts of 4
 Mesh data=1 x fsdp=4 x tensor=4 = 16 chips:
 - tensor=4 is the most the model allows (4 KV heads) and stays inside one host (4 chips), so each host
   feeds one distinct slice of the batch (the batch is split over data x fsdp = 4 = hosts);
-- memory per chip: 7.62B params x 16 bytes (float32 master + Adam m, v + float32 grads) / 16 = 7.6 GB.
-  Activations, one 16k row per chip per micro-batch with full remat: 28 saved layer inputs x 16384 x 3584 x
-  2 B = 3.3 GB, plus one layer's attention scores, 7 local heads x 16384^2 x 4 B = 7.5 GB (dense attention,
-  no flash kernel in this repo yet), well under 95 GB.
+- memory per chip, measured (AOT compile for v5p:2x2x4 on a CPU machine, libtpu 0.0.42.1; the qwen2.5-7b shape;
+  benchmarks/results/plan_r1_distill_7b_self_improve.json):
+
+      retro-jax plan --config configs/r1_distill_7b_self_improve.py
+
+  train step 30.9 GB of 95 (5.7 GB of float32 params + Adam moments, 25.2 GB of temporaries: one 16k row per
+  chip with full remat and dense attention, the float32 gradient accumulator, the update); eval step 14.2 GB
+  (with the optimizer state still resident).
 Batch: 64 rows x 16384 positions = 1.05M tokens per optimizer step, as 16 micro-batches of 4 rows (one row
-per fsdp shard). Model FLOPs at 16k: 52 GFLOP per token, so a step is ~5.5e16 FLOP: ~19 s at 40% MFU.
+per fsdp shard). Model FLOPs at 16k: 52 GFLOP per token; at 40% MFU a step takes 18.7 s (56k tokens/s). The
+roofline of the compiled step (XLA's 5.0 PFLOP and 48.7 TB moved per chip) is 17.6 s.
+The search that revises the traces runs this model on one v5p host per engine replica (4 chips, tensor 4);
+with the search defaults (64 slots x 32,768 tokens) in bfloat16 it plans (benchmarks/results/
+plan_r1_distill_7b_search.json) at 3.8 GB of weights and 30.1 GB of KV cache per chip; the generate step peaks
+at 94.3 GB of 95 (its temporaries hold two more copies of the cache), so lower the slots or the length before
+adding anything; the 32k prefill needs 66.8 GB (dense attention scores):
+
+    retro-jax plan --command search --model /mnt/disks/models/DeepSeek-R1-Distill-Qwen-7B --topology v5p:2x2x1 \
+        --config.engine.dtype=bfloat16
 Data: Retro-Search output of R1-Distill-Qwen-7B on its own correct traces, `revised_trace` field; traces
 longer than 16384 tokens are dropped (counted and reported).
 

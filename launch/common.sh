@@ -8,6 +8,9 @@ set -euo pipefail
 : "${PROJECT:=$(gcloud config get-value project 2>/dev/null)}"
 : "${REPO_URL:=}"                              # where the workers clone retro_jax from (required by setup.sh)
 : "${REPO_REF:=main}"
-: "${WORKDIR:=\$HOME/retro_jax}"
+: "${JAX_VERSION:=0.10.2}"                     # the jax retro_jax was tested with; setup.sh installs jax[tpu] of it
+: "${WORKDIR:=\$HOME/retro_jax}"               # the checkout on each worker
+: "${RUNS_DIR:=\$HOME/retro_jax_runs}"         # per-run logs and pids on each worker
 gtpu() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE" --project="$PROJECT"; }
-on_all_workers() { gtpu ssh "$TPU_NAME" --worker=all --command="$1"; }
+on_workers() { gtpu ssh "$TPU_NAME" --worker="$1" --command="$2"; }
+on_all_workers() { on_workers all "$1"; }

@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
-# Delete the TPU VM (stops the billing). Usage: TPU_NAME=... launch/delete.sh
+# Delete the slice (stops the billing). Usage: launch/delete.sh [--queued]   (--queued: made by create.sh --queued)
 source "$(dirname "$0")/common.sh"
-gtpu delete "$TPU_NAME" --quiet
+if [ "${1:-}" = "--queued" ]; then
+  gcloud compute tpus queued-resources delete "$TPU_NAME" --force --quiet --zone="$ZONE" --project="$PROJECT"
+else
+  gtpu delete "$TPU_NAME" --quiet
+fi

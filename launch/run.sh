@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Run one retro-jax command on every worker at once (multi-host JAX needs all hosts to start the same program).
-# Usage: launch/run.sh sft --config configs/r1_distill_7b_self_improve.py --config.output_dir=gs://bucket/run1
-# Output goes to ~/retro_jax.log on each worker; `launch/run.sh --tail` shows worker 0's log.
+# Start one retro-jax command on every worker at once (multi-host JAX: every host runs the same program).
+# Usage: launch/run.sh [--run-id ID] <retro-jax subcommand> [flags]
+# Each worker logs to $RUNS_DIR/ID/worker-<n>.log and keeps the pid in $RUNS_DIR/ID/worker-<n>.pid; see
+# launch/tail.sh ID and launch/stop.sh ID. The run id defaults to the subcommand and the time.
 source "$(dirname "$0")/common.sh"
-if [ "${1:-}" = "--tail" ]; then
-  gtpu ssh "$TPU_NAME" --worker=0 --command="tail -n 50 ~/retro_jax.log"; exit
-fi
-[ $# -gt 0 ] || { echo "usage: launch/run.sh <retro-jax subcommand> [flags]" >&2; exit 2; }
+run_id=""
+if [ "${1:-}" = "--run-id" ]; then run_id=$2; shift 2; fi
+[ $# -gt 0 ] || { echo "usage: launch/run.sh [--run-id ID] <retro-jax subcommand> [flags]" >&2; exit 2; }
+run_id=${run_id:-$1-$(date -u +%Y%m%d-%H%M%S)}
 args=$(printf '%q ' "$@")
-on_all_workers "cd $WORKDIR && nohup retro-jax $args > ~/retro_jax.log 2>&1 &"
-echo "started on all workers of $TPU_NAME: retro-jax $args"
+# TPU_WORKER_ID is set on every Cloud TPU VM worker; logs of one run sit side by side on shared storage too.
+on_all_workers "mkdir -p $RUNS_DIR/$run_id && cd $WORKDIR && w=\${TPU_WORKER_ID:-\$(hostname)} && \
+  nohup retro-jax $args > $RUNS_DIR/$run_id/worker-\$w.log 2>&1 < /dev/null & echo \$! > $RUNS_DIR/$run_id/worker-\$w.pid"
+echo "run $run_id started on all workers of $TPU_NAME: retro-jax $args"

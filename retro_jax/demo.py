@@ -6,7 +6,8 @@ The five stages are the real code paths a TPU pod runs, in miniature:
 3. sft:      fine-tune the tiny reasoner on the revised traces, and, as the control, on the same correct
              traces unrevised (same steps, same seed: the only difference is the revision);
 4. eval:     the base, control and revised-SFT models on held-out problems (greedy and k samples);
-5. report:   the comparison table (accuracy, mean tokens, thought switches), markdown and PNG plots.
+5. report:   the comparison table (accuracy, mean tokens, thought switches), markdown and PNG plots, and the
+             search's trace-by-trace HTML report (`retro-jax view`) in search/report.html.
 
 Every stage writes its files under `--output` and is skipped when its result is already there, so a killed
 demo resumes where it stopped (generate, search and eval also resume inside a stage). The settings are kept in
@@ -15,13 +16,13 @@ report the earlier run's stages as its own.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
+
+from retro_jax.user_errors import UserError, check_model_dir
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny_reasoner")
 NAMES = ("base", "control", "revised")  # control: SFT on unrevised traces; revised: SFT on Retro-Search output
@@ -100,15 +101,25 @@ def retro_search(config: DemoConfig, traces_path: str, generator, tokenizer, gra
 
 def correct_originals(search_path: str) -> list[dict]:
   """The Retro-Search records of correct original traces (revised or left unchanged): what both SFT arms train on
-  and what the search's effect is measured over."""
-  from retro_jax.search.runner import read_jsonl
+  and what the search's effect is measured over. The selection is `sft`'s own (`data.read_training_records`)."""
+  from retro_jax.train import data
 
-  return [r for r in read_jsonl(search_path) if r["status"] in ("revised", "unchanged")]
+  return data.read_training_records(search_path, ("question", "trace", "revised_trace"),
+                                    statuses=data.CORRECT_STATUSES, closed_field="revised_trace")[0]
+
+
+def write_trace_report(config: DemoConfig, search_path: str) -> str:
+  """The search's HTML report (`retro-jax view`): what each revision cut and what it wrote instead."""
+  from retro_jax.view.report import build_report
+
+  path = os.path.join(config.output, "search", "report.html")
+  build_report(search_path, path, title=f"Retro-Search on the tiny reasoner (demo seed {config.seed})")
+  return path
 
 
 def sft_datasets(config: DemoConfig, records: list[dict]) -> dict[str, str]:
   """The correct originals, once with their revised trace and once as written."""
-  from retro_jax.tasks.arithmetic import write_jsonl
+  from retro_jax.jsonl import write_jsonl
 
   paths = {}
   for name, field in (("revised", "revised_trace"), ("control", "trace")):
@@ -207,7 +218,7 @@ def write_report(config: DemoConfig, effect: dict, summaries: dict[str, dict], w
   return result
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(UserError):
   """The output folder holds stages of a demo run with other settings."""
 
 
@@ -221,8 +232,8 @@ def claim_output(config: DemoConfig) -> None:
     changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if changed:
       described = ", ".join(f"{k}: {before!r} there, {now!r} now" for k, (before, now) in changed.items())
-      raise SettingsMismatch(f"{config.output!r} holds a demo run with other settings ({described}); pass another "
-                             "--output, or delete that folder to start over")
+      raise SettingsMismatch(f"{config.output!r} holds a demo run with other settings ({described})",
+                             "pass another --output, or delete that folder to start over")
     return
   os.makedirs(config.output, exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
@@ -231,11 +242,10 @@ def claim_output(config: DemoConfig) -> None:
 
 def run_demo(config: DemoConfig) -> dict:
   from retro_jax.grading import Grader
-  from retro_jax.search.runner import read_jsonl
+  from retro_jax.jsonl import read_jsonl
   from retro_jax.tokenization import load_tokenizer
 
-  if not os.path.exists(os.path.join(config.model_dir, "model.safetensors")):
-    raise FileNotFoundError(f"no tiny reasoner at {config.model_dir!r}: run `retro-jax build-tiny-reasoner`")
+  check_model_dir(config.model_dir)
   start = time.time()
   claim_output(config)
   paths = write_problems(config)
@@ -250,7 +260,8 @@ def run_demo(config: DemoConfig) -> dict:
     originals = correct_originals(revised)
     effect = search_effect(originals)
     if not effect["traces"]:
-      raise RuntimeError("the base model wrote no correct trace: nothing to revise (is the model the tiny reasoner?)")
+      raise UserError("the base model wrote no correct trace: nothing to revise",
+                      "run the demo with the tiny reasoner (the default --model)")
     data = sft_datasets(config, originals)
     models = {"base": config.model_dir}
     for step, name in ((3, "revised"), (3, "control")):
@@ -261,24 +272,5 @@ def run_demo(config: DemoConfig) -> dict:
     for name in NAMES:
       _log(f"4/5 evaluating {name} on {len(problems)} held-out problems")
       summaries[name] = evaluate_model(config, name, models[name], problems, grader)
-  _log("5/5 report")
+  _log(f"5/5 report (traces: {write_trace_report(config, revised)})")
   return write_report(config, effect, summaries, time.time() - start)
-
-
-def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="retro-jax demo", description=__doc__.splitlines()[0])
-  parser.add_argument("--output", default="retro_jax_demo", help="output directory (resumed when it exists)")
-  parser.add_argument("--model", default=DEFAULT_MODEL, help="the model to improve (default: the tiny reasoner)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of every stage")
-  args = parser.parse_args(argv)
-  make = DemoConfig.quick if args.quick else DemoConfig
-  try:
-    result = run_demo(make(output=args.output, model_dir=args.model, seed=args.seed))
-  except (FileNotFoundError, SettingsMismatch) as e:
-    print(f"retro-jax demo: {e}", file=sys.stderr)
-    return 2
-  missed = [name for name, ok in result["checks"].items() if not ok]
-  print(f"report: {os.path.join(args.output, 'report.md')}"
-        + (f"\n(expected result not reached: {'; '.join(missed)})" if missed and not args.quick else ""))
-  return 0

@@ -1,4 +1,4 @@
-"""Final-answer extraction and math equivalence (the reward R of docs/retro_search.md, section 2).
+"""Final-answer extraction and math equivalence (the reward R of retro_jax/search/README.md, section 2).
 
 Equivalence goes through Math-Verify (`parse` then `verify`, gold first, prediction second). Sympy can hang on
 model output (`9^{9^{9^{9}}}` never finishes), and Math-Verify's own timeout is a SIGALRM that only works in a

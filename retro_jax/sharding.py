@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from retro_jax.user_errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
@@ -49,8 +52,9 @@ SERVE_RULES = ShardingRules("serve", {
     **_COMMON, "embed": None, "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"})
 
 
-class ShardingError(ValueError):
-  """A mesh layout that cannot split the model evenly (named, instead of a cryptic XLA error)."""
+class ShardingError(UserError):
+  """A mesh layout that cannot split the model evenly (named, instead of a cryptic XLA error): a config the user
+  fixes, so the CLI prints it as one line (a UserError is a ValueError)."""
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -69,6 +73,34 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[A
                         f"only {len(devices)} available")
   grid = np.asarray(devices[:math.prod(sizes)], dtype=object).reshape(sizes)
   return Mesh(grid, MESH_AXES)
+
+
+def serving_mesh(tensor: int = 0, replicas: int = 0, devices: Sequence[Any] | None = None,
+                 tensor_dims: Sequence[int] = (), slots: int = 0) -> Mesh:
+  """The mesh one process serves on: its local chips as `replicas` x `tensor` ("data" x "tensor").
+
+  Under SERVE_RULES each index of "data" is an engine replica: it holds the whole model, split over its `tensor`
+  chips, and its own share of the decode slots, so replicas never all-gather weights. (They step together, which
+  costs nothing here: every replica decodes the same number of tokens per step.) 0 means automatic: `tensor`
+  becomes the largest count of the chips left per replica that divides every size in `tensor_dims` (the model
+  dimensions SERVE_RULES splits over "tensor": heads, KV heads, MLP, vocab; the KV heads usually bound it), and
+  `replicas` the chips left over, fewer where that count does not divide `slots` (the decode slots, split evenly
+  over the replicas; 0: any count): 4 slots on 8 one-chip replicas serve on 4. Across hosts there is one such
+  mesh per process.
+  """
+  devices = list(devices if devices is not None else jax.local_devices())
+  if tensor < 0 or replicas < 0:
+    raise ShardingError(f"engine.tensor ({tensor}) and engine.replicas_per_host ({replicas}) must be >= 0")
+  if tensor == 0:
+    per_replica = len(devices) // max(replicas, 1)
+    tensor = max(t for t in range(1, per_replica + 1)
+                 if per_replica % t == 0 and all(dim % t == 0 for dim in tensor_dims))
+  if not replicas:
+    replicas = max(r for r in range(1, len(devices) // tensor + 1) if not slots or slots % r == 0)
+  if replicas * tensor > len(devices) or replicas * tensor == 0:
+    raise ShardingError(f"{replicas} replicas x {tensor} chips need {replicas * tensor} local devices, "
+                        f"this process has {len(devices)}")
+  return make_mesh(replicas, 1, tensor, devices=devices)
 
 
 def axis_size(mesh: Mesh, axes: MeshAxes) -> int:
@@ -90,12 +122,6 @@ def check_divisible(name: str, shape: Sequence[int], logical_axes: Sequence[str 
           + ("Tensor parallelism is bounded by the number of KV heads." if axis == "kv_heads" else ""))
 
 
-def logical_axes_of(state: nnx.State) -> Any:
-  """The `axes` metadata of every Variable in an nnx state (None where a variable has none)."""
-  return jax.tree.map(lambda v: v.get_metadata().get("axes"), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> Any:
   """NamedSharding per variable of `state` (abstract or concrete), checking divisibility with clear errors."""
   def one(path, variable):
@@ -112,6 +138,8 @@ def array_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mes
   return NamedSharding(mesh, rules.spec(logical_axes))
 
 
+_log = logging.getLogger(__name__)
+_DROPPED_CONSTRAINTS: set[tuple] = set()  # layouts already warned about (constrain)
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar(
     "retro_jax_sharding", default=None)
 
@@ -132,12 +160,27 @@ def use_rules(mesh: Mesh, rules: ShardingRules):
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op outside `use_rules` (single device, tests)."""
+  """with_sharding_constraint by logical names; a no-op outside `use_rules` (single device, tests).
+
+  A dimension that does not divide its mesh axes (a prefill of one prompt on a data axis of 4) cannot be
+  constrained, so the whole constraint is left to XLA rather than failing. That is also how a real layout
+  mistake would look (a vocab that does not split over "tensor"), so the first drop of each logical layout on
+  each mesh is logged as a warning.
+  """
   active = _ACTIVE.get()
   if active is None:
     return x
   mesh, rules = active
   spec = rules.spec(logical_axes)
-  if any(dim % axis_size(mesh, axes) for dim, axes in zip(x.shape, spec)):
-    return x  # e.g. a batch of 1 on a data axis of 4: let XLA choose rather than fail
+  uneven = tuple((axis, dim, axes) for axis, dim, axes in zip(logical_axes, x.shape, spec)
+                 if dim % axis_size(mesh, axes))
+  if uneven:
+    key = (tuple(logical_axes), tuple(axis for axis, _, _ in uneven), tuple(mesh.shape.items()), rules.name)
+    if key not in _DROPPED_CONSTRAINTS:
+      _DROPPED_CONSTRAINTS.add(key)
+      what = ", ".join(f"{axis!r} of size {dim} over {axes!r} ({axis_size(mesh, axes)} ways)"
+                       for axis, dim, axes in uneven)
+      _log.warning("sharding constraint %s dropped (%s rules, mesh %s): %s does not divide; XLA chooses the "
+                   "layout (logged once per layout)", tuple(logical_axes), rules.name, dict(mesh.shape), what)
+    return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

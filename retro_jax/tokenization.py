@@ -4,6 +4,11 @@ Prompts are rendered with the checkpoint's own chat template, so DeepSeek-R1-Dis
 `<｜begin▁of▁sentence｜><｜User｜>…<｜Assistant｜><think>\\n` and Qwen2.5 ones ChatML, exactly as they were trained.
 Every prompt we render ends with the thinking opener (`<think>\\n`), whether or not the template adds it, so a
 trace (the assistant text) always continues a prompt the same way in generation, search and training.
+
+What a prompt holds besides the question is set in one place for every command (`generate`, `search`, `eval`,
+`sft`): the config keys `chat_template`, `system_prompt` and `prompt_template` (`PROMPT_OPTIONS`), which
+`load_tokenizer` turns into a `Tokenizer` whose `render_prompt` / `render_example` apply them. A model trained
+on prompts of one format should be sampled and evaluated with the same one.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 from typing import Sequence
 
 from retro_jax.grading import extract_final_answer
+from retro_jax.user_errors import UserError, check_choice
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THOUGHT_OPEN, THOUGHT_CLOSE = "<|begin_of_thought|>", "<|end_of_thought|>"  # OpenThoughts / Sky-T1 style
@@ -23,14 +29,24 @@ R1_TEMPLATE = (
     "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+QWEN_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+CHATML_TEMPLATE = (  # Qwen2.5's: a conversation without a system turn gets Qwen's default one
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + QWEN_DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TEMPLATES = {"r1": R1_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
+# The prompt options every command's config carries, with their defaults (see the module docstring).
+PROMPT_OPTIONS = {
+    "chat_template": "auto",  # "auto" (the tokenizer's own, else R1 or ChatML by its vocabulary) | "r1" | "chatml"
+    "system_prompt": "",  # "": no system turn (the ChatML fallback then adds Qwen's default one)
+    "prompt_template": "{question}",  # the user turn; {question} is replaced (plain text, LaTeX braces are safe)
+}
+R1_PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
-class TokenizerError(ValueError):
-  pass
+
+class TokenizerError(UserError, ValueError):
+  """A tokenizer or prompt format that cannot be used as given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +75,15 @@ def parse_completion(text: str) -> ParsedCompletion:
 class Tokenizer:
   """Thin wrapper over an HF fast tokenizer with the few operations the pipeline needs."""
 
-  def __init__(self, hf_tokenizer, *, template: str = "auto", eos_token_ids: Sequence[int] = ()):
+  def __init__(self, hf_tokenizer, *, template: str = "auto", eos_token_ids: Sequence[int] = (),
+               system_prompt: str = "", prompt_template: str = "{question}"):
     self.hf = hf_tokenizer
+    check_choice("chat_template", template, ("auto", *TEMPLATES))
+    if "{question}" not in prompt_template:
+      raise TokenizerError(f"prompt_template {prompt_template!r} has no {{question}}",
+                           "put {question} where the question goes, e.g. " + repr(R1_PROMPT_TEMPLATE))
+    self.system_prompt, self.prompt_template = system_prompt, prompt_template
     if template != "auto":
-      if template not in TEMPLATES:
-        raise TokenizerError(f"unknown chat template style {template!r}; use 'auto', 'r1' or 'chatml'")
       self.hf.chat_template = TEMPLATES[template]
     elif not getattr(self.hf, "chat_template", None):
       vocab = self.hf.get_vocab()
@@ -89,8 +109,11 @@ class Tokenizer:
     return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
   def render_prompt(self, question: str, system: str | None = None) -> str:
-    """The full prompt text, ending with the thinking opener, ready for the model's thinking."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    """The full prompt text, ending with the thinking opener, ready for the model's thinking: the question in
+    `prompt_template`, after `system` (default: the tokenizer's `system_prompt`)."""
+    system = self.system_prompt if system is None else system
+    user_turn = self.prompt_template.replace("{question}", question)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_turn}]
     text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not text.rstrip().endswith(THINK_OPEN):
       text += THINK_OPEN + "\n"
@@ -109,8 +132,10 @@ def strip_think_open(trace: str) -> str:
   return trace
 
 
-def load_tokenizer(model_dir: str, *, template: str = "auto") -> Tokenizer:
-  """Loads `tokenizer.json` + `tokenizer_config.json` from a local HF directory (no hub access)."""
+def load_tokenizer(model_dir: str, *, template: str = "auto", system_prompt: str = "",
+                   prompt_template: str = "{question}") -> Tokenizer:
+  """Loads `tokenizer.json` + `tokenizer_config.json` from a local HF directory (no hub access); the prompt
+  options are those of `PROMPT_OPTIONS`."""
   from transformers import AutoTokenizer  # deferred: transformers import is slow and not needed by the model
 
   if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
@@ -122,4 +147,11 @@ def load_tokenizer(model_dir: str, *, template: str = "auto") -> Tokenizer:
     with open(generation_config, encoding="utf-8") as f:
       eos = json.load(f).get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
-  return Tokenizer(hf, template=template, eos_token_ids=eos_ids)
+  return Tokenizer(hf, template=template, eos_token_ids=eos_ids, system_prompt=system_prompt,
+                   prompt_template=prompt_template)
+
+
+def load_tokenizer_for(model_dir: str, config) -> Tokenizer:
+  """The tokenizer of `model_dir` with the prompt options of a command's config (the keys of PROMPT_OPTIONS)."""
+  return load_tokenizer(model_dir, template=config.chat_template, system_prompt=config.system_prompt,
+                        prompt_template=config.prompt_template)

@@ -31,10 +31,11 @@ class ScriptedGenerator:
   submission order. Every request served is kept in `requests`; `max_in_flight` is the most held at once.
   """
 
-  def __init__(self, script: Script, slots: int = 4, delay_s: float = 0.0):
+  def __init__(self, script: Script, slots: int = 4, delay_s: float = 0.0, max_seq_len: int | None = None):
     self.script = script
     self.slots = slots
     self.delay_s = delay_s
+    self.max_seq_len = max_seq_len  # prompt + generated tokens, as the engine's; None: no limit
     self.requests: list[GenerationRequest] = []
     self.max_in_flight = 0
 
@@ -53,6 +54,9 @@ class ScriptedGenerator:
     return rollouts[index % len(rollouts)]
 
   def complete(self, request: GenerationRequest) -> GenerationResult:
+    if self.max_seq_len is not None and len(request.prompt_tokens) + request.max_new_tokens > self.max_seq_len:
+      raise AssertionError(f"a request of {len(request.prompt_tokens)} + {request.max_new_tokens} tokens reached "
+                           f"a generator of {self.max_seq_len}: callers must fit requests first")
     prompt = self.decode(request.prompt_tokens)
     samples = []
     for index in range(request.n):

@@ -33,7 +33,9 @@ def test_build_writes_the_bundled_files_and_cleans_up(uninterrupted):
   recorded = json.loads((out / "build_summary.json").read_text())
   assert recorded["total_steps"] == 4 and recorded["num_train_problems"] == 200 and not recorded["resumed"]
   assert recorded["machine"]["cpu_count"] == os.cpu_count()
-  assert summary["eval_loss"] < 6.0  # log(vocab 405) is 6.0: four steps from random init already learn something
+  # Measured: eval loss 5.29 after these four steps (train loss 5.71 at step 4). The floor leaves 0.1 for platform
+  # rounding and sits 0.6 under the loss of a uniform guess, log(405) = 6.00, the old floor.
+  assert summary["eval_loss"] < 5.4
 
 
 def test_stopped_build_resumes_to_the_same_weights(uninterrupted, tmp_path):

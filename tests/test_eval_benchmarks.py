@@ -110,11 +110,18 @@ def test_bad_files_fail_with_the_line_or_field(tmp_path):
     benchmarks.load_benchmark("aime24", path=missing)
   broken = tmp_path / "b.jsonl"
   broken.write_text('{"question": "q", "answer": "1"}\n{not json\n', encoding="utf-8")
-  with pytest.raises(benchmarks.BenchmarkError, match=":2: not JSON"):
+  with pytest.raises(benchmarks.BenchmarkError, match="line 2: not JSON"):
     benchmarks.load_benchmark("tiny_arith", path=str(broken))
   duplicated = write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "question": "q", "answer": "1"}] * 2)
-  with pytest.raises(benchmarks.BenchmarkError, match="duplicate"):
+  with pytest.raises(benchmarks.BenchmarkError, match="repeats question id"):
     benchmarks.load_benchmark("tiny_arith", path=duplicated)
+  bad = []  # given a list, the loader keeps the good records and lists the bad ones
+  assert benchmarks.load_benchmark("tiny_arith", path=duplicated, bad_records=bad) == [
+      benchmarks.Problem("1", "q", "1")]
+  assert benchmarks.load_benchmark("tiny_arith", path=str(broken), bad_records=bad) == [
+      benchmarks.Problem("tiny_arith-00000", "q", "1")]
+  assert [b["record"] for b in bad] == [1, 1]
+  assert "repeats question id '1'" in bad[0]["reason"] and "line 2: not JSON" in bad[1]["reason"]
   with pytest.raises(benchmarks.BenchmarkError, match="no such benchmark file"):
     benchmarks.load_benchmark("tiny_arith", path=str(tmp_path / "absent.jsonl"))
 

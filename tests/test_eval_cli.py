@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import retro_jax.cli
 from retro_jax.eval import cli, report, runner
 from tests import test_eval_runner as fake
 
@@ -30,12 +31,12 @@ def test_config_file(tmp_path):
 def test_usage_and_errors(capsys, tmp_path):
   assert cli.eval_main(["--help"]) == 0
   assert "--compare" in capsys.readouterr().out
-  assert cli.eval_main(["--k=abc"]) == 2
-  assert cli.eval_main(["--config.eval.no_such_key=1"]) == 2
-  assert cli.eval_main(["--benchmarks=aime24"]) == 2
-  assert "--model is required" in capsys.readouterr().err
+  assert retro_jax.cli.main(["eval", "--k=abc"]) == 2
+  assert "flag --k=abc: invalid literal" in capsys.readouterr().err
+  assert retro_jax.cli.main(["eval", "--benchmarks=aime24"]) == 2
+  assert "--model is not given" in capsys.readouterr().err
   # A bad benchmark fails before any model is loaded (the model directory does not even exist).
-  assert cli.eval_main(["--model", str(tmp_path / "absent"), "--benchmarks=nope"]) == 2
+  assert retro_jax.cli.main(["eval", "--model", str(tmp_path / "absent"), "--benchmarks=nope"]) == 2
   assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
 

@@ -55,7 +55,7 @@ def test_full_mode_accepts_a_shorter_correct_rollout():
   assert (output["thoughts_before"], output["thoughts_after"]) == (3, 1)
   assert output["tokens_after"] == len(output["revised_trace"])
   # The new suffix has no thought switch, so boundary 4 of the old trace is never tried.
-  assert output["boundaries_tried"] == 1 and output["rollouts"] == 1
+  assert output["boundaries_tried"] == 1 and output["num_rollouts"] == 1
   assert output["tokens_generated"] == len(SHORT_RIGHT)
   assert [ScriptedGenerator({}).decode(r.prompt_tokens) for r in requests] == [prompt_at(2)]
 
@@ -92,8 +92,22 @@ def test_ties_between_candidates_go_to_the_shortest():
   output, requests = search({prompt_at(2): candidates}, rollouts_per_boundary=4)
   assert requests[0].n == 4
   assert output["revised_trace"] == kept(2) + rollout("So 5.")
-  assert output["rollouts"] == 4
+  assert output["num_rollouts"] == 4
   assert output["tokens_generated"] == sum(map(len, candidates))
+
+
+def test_keep_rollouts_writes_every_rollout_with_its_grade():
+  long_right = rollout("Then 1.", "Then 2.", "Then 3.", "Then 4.", "Then 5.")  # correct, but 2 + 5 steps cannot beat 6
+  candidates = [SHORT_WRONG, long_right, SHORT_RIGHT, "So it never closes"]
+  output, _ = search({prompt_at(2): candidates}, rollouts_per_boundary=4, keep_rollouts=True)
+  assert output["revised_trace"] == kept(2) + SHORT_RIGHT
+  log = [(r["boundary"], r["text"], r["tokens"], r["correct"], r["could_win"], r["accepted"])
+         for r in output["rollouts"]]
+  assert log == [(2, SHORT_WRONG, len(SHORT_WRONG), False, True, False),
+                 (2, long_right, len(long_right), True, False, False),  # graded only for the log
+                 (2, SHORT_RIGHT, len(SHORT_RIGHT), True, True, True),
+                 (2, "So it never closes", 18, False, False, False)]
+  assert "rollouts" not in search({prompt_at(2): candidates}, rollouts_per_boundary=4)[0]  # off by default
 
 
 @pytest.mark.parametrize("unit,winner", [("steps", 0), ("tokens", 1)])

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import retro_jax.cli
 from retro_jax.search import cli, generate, runner
 from retro_jax.search.retro_search import SearchConfig
 from tests.fakes import ExactGrader, ScriptedGenerator, render, synthetic_records, synthetic_rollout
@@ -21,8 +22,8 @@ def write_jsonl(path, records):
   return str(path)
 
 
-def search_file(input_path, output_path, slots=4, in_flight=8, **options):
-  generator = ScriptedGenerator(synthetic_rollout, slots=slots)
+def search_file(input_path, output_path, slots=4, in_flight=8, max_seq_len=None, **options):
+  generator = ScriptedGenerator(synthetic_rollout, slots=slots, max_seq_len=max_seq_len)
   rows, total = runner.open_input(input_path)
   summary = runner.run_search(rows, generator=generator, render_prompt=render, grader=ExactGrader(),
                               output_path=str(output_path), max_records_in_flight=in_flight, total=total,
@@ -87,17 +88,18 @@ def test_malformed_lines_become_error_records(tmp_path):
   summary, _ = search_file(input_path, tmp_path / "out.jsonl", config=SearchConfig(max_prompt_tokens=200))
   records = {r["id"]: r for r in map(json.loads, output_lines(tmp_path / "out.jsonl"))}
   reasons = {record_id: r.get("reason") for record_id, r in records.items() if r["status"] == "error"}
-  assert reasons["row-1"].startswith("not JSON")
-  assert reasons["row-2"] == "record is not a JSON object"
+  assert reasons["row-1"].startswith("line 2: not JSON")
+  assert reasons["row-2"] == "line 3: not a JSON object"
   assert reasons["no_trace"] == "missing field 'trace'"
   assert reasons["empty"] == "empty trace"
-  assert "</think>" in reasons["unclosed"]
+  # Correctness comes first: an unclosed trace without an answer is incorrect, so it is skipped, with the reason.
+  assert records["unclosed"]["status"] == "skipped_incorrect" and "</think>" in records["unclosed"]["reason"]
   assert reasons["row-7"] == "field 'id' is not a string or an integer"
   assert "max_prompt_tokens" in reasons["long"]
   assert records["r0"]["question"] == good[0]["question"]  # the first of two records with one id is kept
   assert records["r1"]["status"] != "error"
   assert len(records) == len(output_lines(tmp_path / "out.jsonl")) == 9
-  assert summary["error"] == 7 and summary["duplicate_ids_skipped"] == 1
+  assert summary["error"] == 6 and summary["duplicate_ids_skipped"] == 1
 
 
 def test_field_mapping_with_nested_paths(tmp_path):
@@ -125,6 +127,27 @@ def test_resume_skips_finished_ids_and_drops_a_cut_line(tmp_path):
   prompts = [generator.decode(r.prompt_tokens) for r in generator.requests]
   assert not any(p.split("Question: ")[1].split(" ")[0] in done_first for p in prompts)
   assert sorted(output_lines(out)) == sorted(output_lines(tmp_path / "reference.jsonl"))
+
+
+def test_sequence_limit_errors_long_prompts_clamps_budgets_and_a_resume_reruns_them(tmp_path):
+  records = synthetic_records(6)
+  records[4]["question"] += " padding" * 40  # a prompt of ~350 characters (one token each)
+  input_path = write_jsonl(tmp_path / "in.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  summary, generator = search_file(input_path, out, max_seq_len=300)
+  first = {r["id"]: r for r in map(json.loads, output_lines(out))}
+  assert first["r4"]["status"] == "error" and first["r4"]["retry_on_resume"]
+  assert "does not fit engine.max_seq_len=300" in first["r4"]["reason"]
+  # Every rollout budget (suffix + 256 allowance) is cut to what fits after its prompt, and counted.
+  assert all(len(r.prompt_tokens) + r.max_new_tokens <= 300 for r in generator.requests)
+  assert summary["budgets_clamped"] == sum(r["budgets_clamped"] for r in first.values() if r["status"] != "error")
+  assert summary["budgets_clamped"] > 0 and summary["errors_too_long"] == 1
+  # A resume with a larger limit runs the over-long record, and only that one.
+  summary, generator = search_file(input_path, out, max_seq_len=4096)
+  second = {r["id"]: r for r in map(json.loads, output_lines(out))}
+  assert second["r4"]["status"] != "error" and summary["errors_too_long"] == 0
+  assert {k: v for k, v in second.items() if k != "r4"} == {k: v for k, v in first.items() if k != "r4"}
+  assert {generator.decode(r.prompt_tokens).split(" ")[1] for r in generator.requests} == {"q4:"}
 
 
 def test_kill_and_resume_gives_the_records_of_an_uninterrupted_run(tmp_path):
@@ -215,10 +238,11 @@ def test_parse_config_flags_and_shortcuts():
 def test_cli_usage_and_errors(capsys):
   assert cli.search_main(["--help"]) == 0
   assert "rollouts_per_boundary: 1" in capsys.readouterr().out
-  assert cli.generate_main(["--input=in.jsonl"]) == 2
-  assert "--output, --model required" in capsys.readouterr().err
-  assert cli.search_main(["--no_such_flag=1"]) == 2
-  assert cli.search_main(["--config.search.no_such_key=1"]) == 2
+  assert retro_jax.cli.main(["generate", "--input=in.jsonl"]) == 2
+  assert capsys.readouterr().err == ("retro-jax generate: --output, --model not given; pass them as flags or set "
+                                     "them in the config\n")
+  assert retro_jax.cli.main(["search", "--no_such_flag=1"]) == 2
+  assert "Unknown command line flag 'no_such_flag'" in capsys.readouterr().err
 
 
 def test_config_file(tmp_path):

@@ -11,7 +11,7 @@ import transformers
 
 from retro_jax.tasks import arithmetic, tokenizer, trace_writer
 
-# The spec's default transition keywords (docs/retro_search.md, section 2), written out here on purpose: the
+# The spec's default transition keywords (retro_jax/search/README.md, section 2), written out here on purpose: the
 # traces must follow the spec, not whatever list the writer happens to use.
 SPEC_KEYWORDS = ("Wait", "But wait", "Alternatively", "Hmm", "Hold on", "However", "Actually", "Let me check",
                  "Let me verify", "Let me double-check", "Another approach", "On second thought")

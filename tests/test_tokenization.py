@@ -3,6 +3,7 @@ import pytest
 
 from retro_jax import tokenization
 from retro_jax.tokenization import load_tokenizer, parse_completion, strip_think_open
+from retro_jax.user_errors import UserError
 from tests.hf_fixtures import save_char_tokenizer
 
 
@@ -28,8 +29,25 @@ def test_chatml_style_gets_the_think_opener_appended(r1_dir):
 
 
 def test_unknown_template_style_is_rejected(r1_dir):
-  with pytest.raises(tokenization.TokenizerError, match="unknown chat template style"):
+  with pytest.raises(UserError, match="chat_template='llama' is not one of 'auto', 'r1', 'chatml'"):
     load_tokenizer(r1_dir, template="llama")
+  with pytest.raises(UserError, match="has no {question}"):
+    load_tokenizer(r1_dir, prompt_template="Solve it.")
+
+
+def test_chatml_without_a_system_turn_gets_qwens_default_one(r1_dir):
+  tok = load_tokenizer(r1_dir, template="chatml")
+  assert tok.render_prompt("hi").startswith(
+      "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+      "<|im_start|>user\nhi<|im_end|>")
+
+
+def test_prompt_options_apply_to_every_rendered_prompt(r1_dir):
+  tok = load_tokenizer(r1_dir, system_prompt="Be brief.", prompt_template=tokenization.R1_PROMPT_TEMPLATE)
+  expected = ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+3?\nPlease reason step by step, and put your final answer "
+              "within \\boxed{}.<｜Assistant｜><think>\n")
+  assert tok.render_prompt("2+3?") == expected
+  assert tok.render_example("2+3?", "<think>\n5\n</think>")[0] == expected  # SFT renders the same prompt
 
 
 def test_render_example_strips_opener_and_appends_eos(r1_dir):

@@ -11,6 +11,7 @@ from retro_jax import sharding
 from retro_jax.models.config import Qwen2Config
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
 from retro_jax.train import cli
+from retro_jax.user_errors import UserError
 from tests.hf_fixtures import save_char_tokenizer
 from tests.train_helpers import arithmetic_records, write_jsonl
 
@@ -38,11 +39,12 @@ def test_sft_main_builds_a_model_from_scratch_with_overrides(tmp_path):
 
 
 def test_bad_flags_fail_with_a_message():
-  with pytest.raises(SystemExit, match="--config FILE is required"):
+  with pytest.raises(UserError, match="--config FILE is not given"):
     cli.parse_config([], "sft")
-  with pytest.raises(SystemExit, match="betta"):  # a typo in a key is an error, not a silently ignored setting
+  # A typo in a key is an error, not a silently ignored setting.
+  with pytest.raises(UserError, match="unknown config key --config.dpo.betta \\(did you mean 'beta'\\?\\)"):
     cli.parse_config(["--config", os.path.join(CONFIGS, "tiny_reasoner_dpo.py"), "--config.dpo.betta=1"], "dpo")
-  with pytest.raises(SystemExit, match="confg"):
+  with pytest.raises(UserError, match="confg"):
     cli.parse_config(["--confg", os.path.join(CONFIGS, "tiny_reasoner_dpo.py")], "dpo")
 
 

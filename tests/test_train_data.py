@@ -18,20 +18,40 @@ def tokenizer(tmp_path_factory):
   return load_tokenizer(out)
 
 
-def test_read_jsonl_counts_and_skips_bad_lines(tmp_path, caplog):
+def test_read_training_records_counts_and_skips_bad_lines(tmp_path, caplog):
   good = arithmetic_records(3)
   path = write_jsonl(str(tmp_path / "in.jsonl"), good, extra_lines=(
       "not json", "[1, 2]", json.dumps({"question": "q"}), json.dumps({"question": "q", "trace": None}),
       json.dumps({"question": "q", "trace": ""}), "", "   "))
   with caplog.at_level(logging.WARNING):
-    records, stats = data.read_jsonl(path, ("question", "trace"))
+    records, stats = data.read_training_records(path, ("question", "trace"))
   assert [r["id"] for r in records] == ["q0", "q1", "q2"]
   assert (stats.lines, stats.records, stats.bad_json, stats.skipped) == (8, 3, 2, 5)
   assert stats.missing_field == {"trace": 3}
-  assert "skipped 5 of 8 lines" in caplog.text and "line 4: not a JSON object" in caplog.text
+  assert "kept 3 of 8 lines; skipped 5 bad lines" in caplog.text and "line 5: not a JSON object" in caplog.text
   # The trace field is configurable: Retro-Search output carries `revised_trace`.
-  records, _ = data.read_jsonl(path, ("question", "revised_trace"), limit=2)
+  records, _ = data.read_training_records(path, ("question", "revised_trace"), limit=2)
   assert len(records) == 2
+
+
+def test_search_output_is_selected_by_status_and_closed_thinking(tmp_path, caplog):
+  base = arithmetic_records(6)
+  statuses = ["revised", "unchanged", "skipped_incorrect", "error", "recovered", "revised"]
+  records = [dict(r, status=status) for r, status in zip(base, statuses)]
+  del records[3]["revised_trace"]  # an error record has no trace
+  records[5]["revised_trace"] = "<think>\ncut by the token budget"  # never closes its thinking
+  path = write_jsonl(str(tmp_path / "search.jsonl"), records + [{"question": "no status", "revised_trace":
+                                                                 base[0]["trace"]}])
+  with caplog.at_level(logging.WARNING):
+    kept, stats = data.read_training_records(path, ("question", "revised_trace"), statuses=data.CORRECT_STATUSES,
+                                             closed_field="revised_trace")
+  assert [r.get("id") for r in kept] == ["q0", "q1", None]  # a record without a status is always kept
+  assert stats.dropped_status == {"skipped_incorrect": 1, "error": 1, "recovered": 1}
+  assert stats.unclosed_thinking == 1 and stats.skipped == 0
+  assert stats.as_dict()["dropped_by_status"] == {"skipped_incorrect": 1, "error": 1, "recovered": 1}
+  assert "dropped by status" in caplog.text and "1 with unclosed thinking" in caplog.text
+  everything, _ = data.read_training_records(path, ("question", "revised_trace"), statuses=())
+  assert len(everything) == 6  # no selection: only the error record (no trace) is left out
 
 
 def test_loss_mask_covers_the_assistant_tokens_only(tokenizer):

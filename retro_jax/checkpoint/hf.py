@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from retro_jax import sharding as sharding_lib
@@ -137,13 +138,21 @@ def load_pretrained(model_dir: str, *, mesh: Mesh | None = None,
   return nnx.merge(graphdef, abstract_state)
 
 
+def _gather_to_host(value: jax.Array) -> np.ndarray:
+  """One whole parameter on this host. A multi-host array is all-gathered: a collective, so every process must
+  gather the same parameters in the same order; host memory holds one parameter at a time."""
+  if value.is_fully_addressable:
+    return np.asarray(jax.device_get(value))
+  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
 def _hf_tensors(model: Qwen2ForCausalLM, dtype) -> Iterator[tuple[str, np.ndarray]]:
   for path, variable in _param_items(nnx.state(model, nnx.Param)):
     keys, kind, shape = _hf_keys(path, variable.shape)
     value = variable.get_value()
     for i, key in enumerate(keys):
-      # gathers one tensor (one layer of a stacked param) at a time
-      host = np.asarray(jax.device_get(value if len(shape) == value.ndim else value[i]))
+      # one tensor (one layer of a stacked param) at a time, all-gathered across hosts
+      host = _gather_to_host(value if len(shape) == value.ndim else value[i])
       yield key, np.ascontiguousarray(_TO_HF[kind](host)).astype(dtype or host.dtype)
 
 
@@ -151,12 +160,19 @@ def save_pretrained(model: Qwen2ForCausalLM, out_dir: str, *, dtype: str | None 
                     max_shard_bytes: int = 5 * 2**30, extra_config: dict | None = None) -> None:
   """Writes config.json + safetensors that transformers' `Qwen2ForCausalLM.from_pretrained` loads.
 
-  `dtype` ('bfloat16', 'float32') converts on the way out; default is the params' own dtype.
+  `dtype` ('bfloat16', 'float32') converts on the way out; default is the params' own dtype. Parameters are
+  gathered one at a time, so host memory holds one parameter plus the safetensors shard being filled; in a
+  multi-host job every process must call it, and process 0 writes.
   """
   config = model.config
   np_dtype = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32, "float16": np.float16}.get(dtype) if dtype else None
+  tensors = _hf_tensors(model, np_dtype)
+  if jax.process_index() != 0:
+    for _ in tensors:  # the other processes take part in every gather; process 0 writes
+      pass
+    return
   os.makedirs(out_dir, exist_ok=True)
-  write_safetensors_dir(out_dir, _hf_tensors(model, np_dtype), max_shard_bytes=max_shard_bytes)
+  write_safetensors_dir(out_dir, tensors, max_shard_bytes=max_shard_bytes)
   hf_config = config.to_hf_dict()
   hf_config["torch_dtype"] = dtype or config.param_dtype
   hf_config.update(extra_config or {})

@@ -14,6 +14,8 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from retro_jax.user_errors import UserError
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -23,7 +25,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):  # a UserError is a ValueError; the CLI prints it as one line
   """A checkpoint that does not match the model; the message names the tensor."""
 
 

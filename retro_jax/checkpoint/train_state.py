@@ -17,8 +17,8 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,21 @@ class ResumeError(ValueError):
   """A checkpoint that does not belong to this run's data or batch layout."""
 
 
+def checkpoint_path(directory: str) -> epath.Path:
+  """`directory` as a path orbax can use on every host: a cloud URL (gs://bucket/run) stays a URL (epath talks to
+  the object store), a local or mounted path becomes absolute."""
+  if "://" in directory:
+    return epath.Path(directory)
+  return epath.Path(os.path.abspath(directory))
+
+
 class TrainCheckpointer:
   """CheckpointManager for one training run under `directory` (every `save_every_steps`, `max_to_keep` kept)."""
 
   def __init__(self, directory: str, *, save_every_steps: int, max_to_keep: int = 2, async_save: bool = True):
     self.save_every_steps = save_every_steps
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        checkpoint_path(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save),
         item_names=("state", "data", "extras", "meta"))
@@ -82,7 +90,3 @@ class TrainCheckpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a concrete pytree, the restore target orbax needs."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -3,7 +3,8 @@
 JetStream (google/JetStream, archived) splits serving into three jitted calls so an orchestrator can keep the
 accelerator busy: `prefill` turns a prompt into a KV prefix and its first token, `insert` copies a prefix into
 one decode slot, and `generate` advances every slot of the decode state together. We keep that split (and the
-names) but not the package: it is archived and pulls TensorFlow (see environment.md).
+names) but not the package: it is archived, its PyPI release pulls in TensorFlow (through seqio), and its
+orchestrator calls `jax.tree_map`, which JAX has removed.
 
 Two extensions, both additive:
 - `generate` runs several decode steps per call, so `ResultTokens` holds `steps` tokens per slot;
@@ -63,10 +64,6 @@ class ResultTokens:
     ], axis=1)
     return cls(data=data, tokens_idx=(0, steps), valid_idx=(steps, 2 * steps),
                length_idx=(2 * steps, 2 * steps + 1), logprob_idx=(2 * steps + 1, 3 * steps + 1))
-
-  def copy_to_host_async(self) -> None:
-    if isinstance(self.data, jax.Array):
-      self.data.copy_to_host_async()
 
   def convert_to_numpy(self) -> ResultTokens:
     return self.replace(data=np.asarray(self.data))

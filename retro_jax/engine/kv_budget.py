@@ -24,13 +24,14 @@ from flax import nnx
 
 from retro_jax.models.config import Qwen2Config
 from retro_jax.models.kv_cache import bytes_per_token
+from retro_jax.user_errors import UserError
 
 MAX_AUTO_SLOTS = 64  # the search's default concurrency; more rarely helps a single replica
 DEFAULT_KV_MEMORY_FRACTION = 0.5  # of the memory left after the weights: prefill buffers, logits, the prefix
                                   # cache and XLA's temporaries live in the rest
 
 
-class KVBudgetError(ValueError):
+class KVBudgetError(UserError):
   """The configured slots and lengths cannot fit the KV budget (a config error: one line, exit 2)."""
 
 

@@ -407,12 +407,20 @@ class Qwen2Engine(Engine):
   # ---- ahead-of-time compilation --------------------------------------------------------------------------
 
   def warmup(self, params, *, prefill_lengths: list[int] | None = None) -> None:
-    """Compiles, from abstract shapes only, the programs a run without prefix reuse needs: for each prefill
-    bucket in `prefill_lengths` (default all), prefills of every power-of-two number of rows with their
-    inserts and prefix-cache trims, then every attend bucket of `generate`.
+    """Compiles, from abstract shapes only, the programs a run without prefix reuse needs (see
+    `lowered_programs`). Passing the buckets a workload will use keeps this short on big models. Prefix reuse
+    adds (T, Lp) prefill programs on first use; they are small next to a decode program.
+    """
+    for _, lowered in self.lowered_programs(params, prefill_lengths=prefill_lengths):
+      lowered.compile()
 
-    Passing the buckets a workload will use keeps this short on big models. Prefix reuse adds (T, Lp)
-    prefill programs on first use; they are small next to a decode program.
+  def lowered_programs(self, params, *, prefill_lengths: list[int] | None = None,
+                       attend_lengths: list[int] | None = None):
+    """Yields (name, jax Lowered) for every program `warmup` compiles, from abstract shapes only: the state
+    init; for each prefill bucket in `prefill_lengths` (default all), prefills of every power-of-two number of
+    rows with their inserts and prefix-cache trims; then `generate` at each attend bucket in `attend_lengths`
+    (default all). `params` may be arrays or ShapeDtypeStructs with shardings: `retro-jax plan` lowers these
+    same programs for a TPU topology without weights.
     """
     abstract = lambda tree, shardings: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -421,24 +429,24 @@ class Qwen2Engine(Engine):
     scalar, seed = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
     host_config = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                                jax.eval_shape(lambda: SamplingConfig.zeros(1, self.config.vocab_size)))
-    with sharding_lib.use_rules(self._mesh, self._rules):
-      self._init_state.lower().compile()
-      for length in prefill_lengths or self.prefill_buckets:
-        for rows in _pow2_buckets(1, self.prefill_batch_size(length)):  # as prefill_batch pads them
-          cache_abs = abstract(jax.eval_shape(self._empty_prefix_cache, rows, length), self._prefix_cache_sharding)
-          self._empty_prefix_cache.lower(rows, length).compile()
-          tokens_abs = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-          lengths_abs = jax.ShapeDtypeStruct((rows,), jnp.int32)
-          self._prefill_kv.lower(params_abs, cache_abs, tokens_abs, lengths_abs, True).compile()
-          logits_abs = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self._replicated)
-          self._sample_first.lower(logits_abs, scalar, host_config, seed, scalar, 1).compile()
-          sampled = jax.eval_shape(self._sample_first, logits_abs, scalar, host_config, seed, scalar, 1)
-          prefix_abs = abstract(Prefix(cache_abs, *sampled[:6]), self.get_prefix_destination_sharding())
-          self._insert.lower(prefix_abs, state_abs, scalar, scalar).compile()
-          if rows > 1:
-            self._trim.lower(cache_abs, prefix_abs.row, length).compile()
-      for attend in self.attend_buckets:
-        self._generate.lower(params_abs, state_abs, attend).compile()
+    lower = lambda jitted, *args: self._traced(jitted.lower, *args)
+    yield "init_decode_state", lower(self._init_state)
+    for length in prefill_lengths or self.prefill_buckets:
+      for rows in _pow2_buckets(1, self.prefill_batch_size(length)):  # as prefill_batch pads them
+        cache_abs = abstract(jax.eval_shape(self._empty_prefix_cache, rows, length), self._prefix_cache_sharding)
+        yield f"empty_prefix_cache[{rows}x{length}]", lower(self._empty_prefix_cache, rows, length)
+        tokens_abs = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        lengths_abs = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        yield f"prefill[{rows}x{length}]", lower(self._prefill_kv, params_abs, cache_abs, tokens_abs, lengths_abs, True)
+        logits_abs = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self._replicated)
+        yield f"sample_first[{rows}]", lower(self._sample_first, logits_abs, scalar, host_config, seed, scalar, 1)
+        sampled = jax.eval_shape(self._sample_first, logits_abs, scalar, host_config, seed, scalar, 1)
+        prefix_abs = abstract(Prefix(cache_abs, *sampled[:6]), self.get_prefix_destination_sharding())
+        yield f"insert[{rows}x{length}]", lower(self._insert, prefix_abs, state_abs, scalar, scalar)
+        if rows > 1:
+          yield f"trim[{rows}x{length}]", lower(self._trim, cache_abs, prefix_abs.row, length)
+    for attend in attend_lengths or self.attend_buckets:
+      yield f"generate[{attend}]", lower(self._generate, params_abs, state_abs, attend)
 
 
 def load_engine(model_dir: str, *, mesh: Mesh | None = None, dtype: str | None = None,

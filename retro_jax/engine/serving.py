@@ -5,11 +5,36 @@ import sys
 
 from jax.sharding import Mesh
 
+from retro_jax import sharding
+
 from retro_jax.engine.driver import Driver, Tokenizer
 from retro_jax.engine.kv_budget import DEFAULT_KV_MEMORY_FRACTION
 from retro_jax.engine.qwen2_engine import Qwen2Engine, load_engine
 from retro_jax.models.config import Qwen2Config
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
+from retro_jax.user_errors import UserError
+
+
+def position_limit(config: Qwen2Config) -> int:
+  """Positions the model handles: `max_position_embeddings`, or, when its config.json sets RoPE scaling
+  (YaRN, linear...), the scaled length factor x original positions, which is what that scaling is for."""
+  if config.rope_scaling.rope_type == "default":
+    return config.max_position_embeddings
+  original = config.rope_scaling.original_max_position_embeddings or config.max_position_embeddings
+  return max(config.max_position_embeddings, int(config.rope_scaling.factor * original))
+
+
+def resolve_max_seq_len(model_dir: str, max_seq_len: int, option: str = "--config.engine.max_seq_len") -> int:
+  """The engine's sequence limit: `max_seq_len`, or the model's position limit when it is 0. A limit beyond the
+  model's positions is refused (the model was never trained there, so its outputs would be silently wrong)."""
+  limit = position_limit(Qwen2Config.from_pretrained(model_dir))
+  if max_seq_len <= 0:
+    return limit
+  if max_seq_len > limit:
+    raise UserError(f"{option}={max_seq_len} is beyond the model's {limit} positions (max_position_embeddings in "
+                    f"{model_dir}/config.json)", f"lower it to {limit} or less (0 means the model's limit), or "
+                    "set rope_scaling in config.json to extend the context explicitly")
+  return max_seq_len
 
 
 def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_seq_len: int = 2048,
@@ -49,3 +74,12 @@ def text_generator_from_model(model: Qwen2ForCausalLM, tokenizer: Tokenizer, *, 
   engine = Qwen2Engine(model, max_concurrent_decodes=max_concurrent_decodes, max_seq_len=max_seq_len, mesh=mesh,
                        eos_token_ids=eos_token_ids, **engine_kwargs)
   return Driver(engine, tokenizer, prefix_cache_bytes=prefix_cache_bytes, progress=progress)
+
+
+def serving_mesh_for(model_dir: str, engine) -> Mesh:
+  """This process's serving mesh from a CLI's `engine.tensor` / `engine.replicas_per_host` and the model's shape
+  (see sharding.serving_mesh)."""
+  model = Qwen2Config.from_pretrained(model_dir)
+  return sharding.serving_mesh(engine.tensor, engine.replicas_per_host, tensor_dims=(
+      model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size),
+      slots=engine.max_concurrent_decodes)

@@ -1,6 +1,6 @@
 """The benchmark registry: where each evaluation set lives and how its fields map onto `{id, question, answer}`.
 
-The seven math benchmarks of the field (docs/retro_search.md, section 6) live on the HF hub, so each spec names
+The seven math benchmarks of the field (retro_jax/search/README.md, section 6) live on the HF hub, so each spec names
 its dataset id, config and split for online use through `datasets`. The hub is not reachable everywhere (CI,
 TPU VMs behind a firewall), so every benchmark also loads from a local JSONL file. A local file may be an export
 of the hub dataset (`load_dataset(...).to_json(path)`, the hub's own field names) or already hold the canonical
@@ -13,15 +13,15 @@ the spec's `answer_transform` turns it into that string.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-# DeepSeek-R1's recommended directive for maths, the prompt of the field's evaluations of R1-style models.
-R1_MATH_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+from retro_jax import jsonl
+from retro_jax.tokenization import R1_PROMPT_TEMPLATE  # the field's prompt for R1-style models on maths
+from retro_jax.user_errors import UserError
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError):
   """A benchmark cannot be loaded (unknown name, missing file or field, hub unreachable)."""
 
 
@@ -109,7 +109,7 @@ def register(spec: BenchmarkSpec) -> BenchmarkSpec:
 
 def _field_benchmark(name: str, display_name: str, hf_path: str, **fields) -> BenchmarkSpec:
   """One of the seven benchmarks of the field's protocol: in the average, prompted with R1's directive."""
-  return BenchmarkSpec(name, display_name, hf_path, in_average=True, prompt_template=R1_MATH_PROMPT, **fields)
+  return BenchmarkSpec(name, display_name, hf_path, in_average=True, prompt_template=R1_PROMPT_TEMPLATE, **fields)
 
 
 for _spec in (
@@ -148,19 +148,11 @@ def custom_spec(name: str, path: str, *, question_field: str = "question", answe
                        local_path=path)
 
 
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    raise BenchmarkError(f"no such benchmark file: {path}")
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{path}:{line_number}: not JSON ({e.msg})") from None
-  return records
+def _local_records(path: str) -> Iterable[tuple[int, Mapping[str, Any] | None, str | None]]:
+  """(line index, record or None, error) of a local benchmark file."""
+  if not os.path.isfile(path):
+    raise BenchmarkError(f"no such benchmark file: {path}", "check the path in --benchmarks NAME=PATH or --data_dir")
+  return ((line.index, line.data if line.error is None else None, line.error) for line in jsonl.read_lines(path))
 
 
 def load_hf_records(spec: BenchmarkSpec) -> Iterable[Mapping[str, Any]]:
@@ -182,20 +174,35 @@ def load_hf_records(spec: BenchmarkSpec) -> Iterable[Mapping[str, Any]]:
 
 
 def load_benchmark(spec: BenchmarkSpec | str, *, path: str | None = None, data_dir: str | None = None,
-                   limit: int | None = None) -> list[Problem]:
+                   limit: int | None = None, bad_records: list[dict] | None = None) -> list[Problem]:
   """The problems of a benchmark, from the first source that exists: `path`, `<data_dir>/<name>.jsonl`,
-  the spec's `local_path`, then the HF hub. `limit` keeps the first problems (smoke runs)."""
+  the spec's `local_path`, then the HF hub. `limit` keeps the first records (smoke runs).
+
+  A bad record (a line that is not a JSON object, a missing field, an id seen before) raises BenchmarkError, or,
+  when `bad_records` is given, is appended there as `{"benchmark", "record", "reason"}` and left out, so an
+  evaluation runs on the good records and reports the bad ones.
+  """
   spec = get_spec(spec) if isinstance(spec, str) else spec
   local = path or _in_dir(data_dir, spec.name) or spec.local_path
-  records = read_jsonl(local) if local else load_hf_records(spec)
-  problems = []
-  for index, record in enumerate(records):
-    if limit is not None and index >= limit:
+  records = _local_records(local) if local else ((i, r, None) for i, r in enumerate(load_hf_records(spec)))
+  problems, seen = [], set()
+  for count, (index, record, error) in enumerate(records):
+    if limit is not None and count >= limit:
       break
-    problems.append(spec.problem(record, index))
-  ids = [p.id for p in problems]
-  if len(set(ids)) != len(ids):
-    raise BenchmarkError(f"{spec.name}: duplicate question ids (results are keyed by id)")
+    try:
+      if error is not None:
+        raise BenchmarkError(f"{spec.name}: {error}")
+      problem = spec.problem(record, index)
+      if problem.id in seen:
+        raise BenchmarkError(f"{spec.name}: record {index} repeats question id {problem.id!r} (results are keyed "
+                             "by id; the first is kept)")
+    except BenchmarkError as bad:
+      if bad_records is None:
+        raise
+      bad_records.append({"benchmark": spec.name, "record": index, "reason": str(bad)})
+      continue
+    seen.add(problem.id)
+    problems.append(problem)
   return problems
 
 

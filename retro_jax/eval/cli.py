@@ -10,6 +10,8 @@ Configuration as in `retro-jax search`: the defaults below, or a config file (`-
 `get_config()` returns a ConfigDict of the same shape; start it from `default_eval_config()`), then
 `--config.key=value` overrides, then the shortcut flags (`--model --benchmarks --k --output ...`).
 The model server is imported only when a model is evaluated, so `--compare` and the tests never load JAX.
+Bad records of a benchmark file are left out and listed (stderr and summary.json's `bad_records`); the good ones
+are evaluated. Mistakes in the command itself are one line and exit status 2 (`retro_jax.user_errors`).
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from typing import Any, Sequence
 from absl import flags
 import ml_collections
 
-from retro_jax import config_cli
+from retro_jax import config_cli, user_errors
 from retro_jax.eval import benchmarks, report, runner
+from retro_jax.tokenization import PROMPT_OPTIONS
+from retro_jax.user_errors import UserError
 
 PROG = "retro-jax eval"
 
@@ -50,6 +54,8 @@ def default_eval_config() -> ml_collections.ConfigDict:
   config.limit = 0  # 0: all problems
   config.seed = 0
   config.progress = True
+  config.update(PROMPT_OPTIONS)  # chat_template, system_prompt, prompt_template (tokenization.py) ...
+  config.prompt_template = ""  # ... except that "" here means each benchmark's own (R1's directive for maths)
   config.fields = ml_collections.ConfigDict({"id": "id", "question": "question", "answer": "answer"})  # custom
   config.eval = ml_collections.ConfigDict({
       "modes": "greedy,sampled",
@@ -57,11 +63,11 @@ def default_eval_config() -> ml_collections.ConfigDict:
       "temperature": 0.6,  # R1-distill's recommended sampling
       "top_p": 0.95,
       "max_new_tokens": 32768,
-      "prompt_template": "",  # user turn with {question}; "": each benchmark's own (R1's directive for maths)
-      "chat_template": "auto",  # "auto" | "r1" | "chatml"
   })
-  config.engine = ml_collections.ConfigDict(
-      {"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32"})  # max_seq_len 0: fit the prompts
+  # max_seq_len 0: the longest prompt plus the budget, at most the model's positions (longer budgets are cut);
+  # tensor / replicas_per_host: chips per replica / replicas (0: automatic)
+  config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32",
+                                             "tensor": 0, "replicas_per_host": 0})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 
@@ -97,33 +103,54 @@ def eval_config(config: ml_collections.ConfigDict) -> runner.EvalConfig:
       output_dir=config.output, name=config.name or os.path.basename(os.path.normpath(config.model)),
       model=os.path.abspath(config.model), modes=tuple(m.strip() for m in config.eval.modes.split(",") if m.strip()),
       k=config.eval.k, temperature=config.eval.temperature, top_p=config.eval.top_p,
-      max_new_tokens=config.eval.max_new_tokens, seed=config.seed, prompt_template=config.eval.prompt_template or None,
+      max_new_tokens=config.eval.max_new_tokens, seed=config.seed, prompt_template=config.prompt_template or None,
       grading_workers=config.grading.num_workers, grading_timeout_s=config.grading.timeout_s,
       progress=config.progress)
 
 
-def load_records(config: ml_collections.ConfigDict) -> dict[str, list[benchmarks.Problem]]:
+def load_records(config: ml_collections.ConfigDict,
+                 bad_records: list[dict] | None = None) -> dict[str, list[benchmarks.Problem]]:
+  """Each selected benchmark's problems; bad records go to `bad_records` when given (see `load_benchmark`)."""
   selected = benchmarks.resolve(config.benchmarks, question_field=config.fields.question,
                                 answer_field=config.fields.answer, id_field=config.fields.id or None)
   return {spec.name: benchmarks.load_benchmark(spec, path=path, data_dir=config.data_dir or None,
-                                               limit=config.limit or None)
+                                               limit=config.limit or None, bad_records=bad_records)
           for spec, path in selected}
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Loads the benchmarks (first, so a missing file fails before the model loads), the tokenizer and the model,
-  then evaluates; returns the summary."""
-  records = load_records(config)
-  settings = eval_config(config)
-  from retro_jax.engine.serving import load_text_generator  # pylint: disable=import-outside-toplevel
+  """Checks the settings and loads the benchmarks (first, so a mistake fails before the model loads), then the
+  tokenizer and the model, and evaluates the good records; returns the summary."""
+  try:
+    settings = eval_config(config)
+  except ValueError as error:
+    raise UserError(f"--config.eval: {error}", "fix that value (`--help` prints the defaults)") from None
+  bad: list[dict] = []
+  records = load_records(config, bad)
+  user_errors.check_model_dir(config.model)
+  for record in bad:
+    print(f"{PROG}: left out {record['reason']}", file=sys.stderr)
+  if not any(records.values()):
+    raise UserError("no usable record in the selected benchmarks", "check the files given to --benchmarks")
+  import jax  # pylint: disable=import-outside-toplevel
+  from retro_jax.engine import serving  # pylint: disable=import-outside-toplevel
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
-  tokenizer = load_tokenizer(config.model, template=config.eval.chat_template)
-  max_seq_len = config.engine.max_seq_len or (
-      runner.longest_prompt(tokenizer, records, settings) + settings.max_new_tokens)
-  generator = load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
-                                  max_seq_len=max_seq_len, dtype=config.engine.dtype,
-                                  progress=False)  # the eval bar shows samples/s and accuracy instead
-  return runner.evaluate(generator, tokenizer, records, settings)
+  if jax.process_count() > 1:  # every process would evaluate everything into the same output
+    raise UserError("eval runs on one process (one host)", "start it without the RETRO_JAX_* group variables")
+  # The benchmarks' own templates are applied by the runner, so the tokenizer renders the user turn as given.
+  tokenizer = load_tokenizer(config.model, template=config.chat_template, system_prompt=config.system_prompt)
+  limit = serving.resolve_max_seq_len(config.model, config.engine.max_seq_len)
+  max_seq_len = config.engine.max_seq_len or min(
+      limit, runner.longest_prompt(tokenizer, records, settings) + settings.max_new_tokens)
+  generator = serving.load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
+                                          max_seq_len=max_seq_len, dtype=config.engine.dtype,
+                                          mesh=serving.serving_mesh_for(config.model, config.engine),
+                                          progress=False)  # the eval bar shows samples/s and accuracy instead
+  summary = runner.evaluate(generator, tokenizer, records, settings, bad_records=bad)
+  if summary["bad_records"] or summary["budget_clamped"]:
+    print(f"{PROG}: {len(summary['bad_records'])} records left out, {summary['budget_clamped']} responses with "
+          f"their budget cut to max_seq_len={max_seq_len} (see summary.json)", file=sys.stderr)
+  return summary
 
 
 def _usage() -> str:
@@ -140,23 +167,18 @@ def eval_main(argv: Sequence[str] = ()) -> int:
     print(_usage())
     return 0
   compare_files, rest = _split_compare(argv)
-  try:
-    config, names = parse_config(rest)
-  except (flags.Error, AttributeError, KeyError) as error:  # config_flags reports unknown keys as AttributeError
-    print(f"{PROG}: {error}", file=sys.stderr)
-    return 2
-  try:
-    if compare_files:
+  config, names = parse_config(rest)
+  if compare_files:
+    for path in compare_files:
+      user_errors.check_input_file(path, "--compare")
+    try:
       summaries = [report.load_summary(path) for path in compare_files]
-      given = any(a.split("=", 1)[0] in ("--output", "--config.output") for a in rest)
-      print(report.compare(summaries, names.split(",") if names else None, config.output if given else None))
-      return 0
-    if not config.model:
-      print(f"{PROG}: --model is required (as a flag or in the config), or --compare SUMMARY.json ...",
-            file=sys.stderr)
-      return 2
-    run(config)
-  except (benchmarks.BenchmarkError, runner.EvalError, OSError, ValueError) as error:
-    print(f"{PROG}: {error}", file=sys.stderr)  # a user's mistake (a missing file, offline hub): no traceback
-    return 2
+    except ValueError as error:  # not JSON, or not a summary
+      raise UserError(str(error), "pass the summary.json files of `retro-jax eval` runs") from None
+    given = any(a.split("=", 1)[0] in ("--output", "--config.output") for a in rest)
+    print(report.compare(summaries, names.split(",") if names else None, config.output if given else None))
+    return 0
+  if not config.model:
+    raise UserError("--model is not given", "pass --model DIR, or --compare SUMMARY.json ...")
+  run(config)
   return 0

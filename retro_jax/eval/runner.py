@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import tqdm
 
+from retro_jax import jsonl
 from retro_jax.engine.requests import (GREEDY, GenerationRequest, GenerationResult, RequestQueue, SamplingParams,
                                        TextGenerator)
 from retro_jax.eval import benchmarks as benchmarks_lib
@@ -32,6 +33,7 @@ from retro_jax.eval import report
 from retro_jax.grading import GradeResult
 from retro_jax.search import runner as search_runner
 from retro_jax.search.traces import count_thought_switches
+from retro_jax.user_errors import UserError
 
 GradeMany = Callable[[Sequence[tuple[str, str]]], list[GradeResult]]
 MODES = ("greedy", "sampled")
@@ -39,7 +41,7 @@ SAMPLES_DIR = "samples"
 RUN_CONFIG_FILE = "run_config.json"
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError):
   """An evaluation cannot run as asked (duplicate ids, an output directory holding another run)."""
 
 
@@ -97,7 +99,7 @@ def sample_id(question_id: str, mode: str, index: int) -> str:
 
 def read_samples(path: str) -> list[dict]:
   """The sample lines of a benchmark file ([] before its first unit)."""
-  return list(search_runner.read_jsonl(path)) if os.path.exists(path) else []
+  return list(jsonl.read_jsonl(path)) if os.path.exists(path) else []
 
 
 def check_run_config(config: EvalConfig) -> None:
@@ -110,7 +112,7 @@ def check_run_config(config: EvalConfig) -> None:
       previous = json.load(f)
     if previous != key:
       changed = {name: (previous.get(name), value) for name, value in key.items() if previous.get(name) != value}
-      raise EvalError(f"{config.output_dir} holds a run with other settings {changed} (old, new); "
+      raise EvalError(f"{config.output_dir} holds a run with other settings {changed} (old, new)",
                       "resume with the same settings or use another output directory")
     return
   with open(path, "w", encoding="utf-8") as f:
@@ -170,9 +172,15 @@ class _Progress:
 
 def run_benchmark(generator: TextGenerator, tokenizer, benchmark: str,
                   problems: Sequence[benchmarks_lib.Problem | Mapping[str, Any]], config: EvalConfig,
-                  grade_many: GradeMany) -> list[dict]:
-  """Generates and grades every unfinished unit of one benchmark; returns all its rows (resumed ones too)."""
+                  grade_many: GradeMany, bad_records: list[dict] | None = None) -> list[dict]:
+  """Generates and grades every unfinished unit of one benchmark; returns all its rows (resumed ones too).
+
+  A question whose prompt leaves no room under the generator's sequence limit is not run: it is appended to
+  `bad_records` (else EvalError), and a resume with a larger limit runs it. A budget that does not fit after its
+  prompt is cut to what fits; its rows say `budget_clamped`.
+  """
   problems = [_as_problem(p) for p in problems]
+  limit = search_runner.sequence_limit(generator)
   if len({p.id for p in problems}) != len(problems):
     raise EvalError(f"{benchmark}: duplicate question ids")
   path = sample_path(config.output_dir, benchmark)
@@ -186,9 +194,16 @@ def run_benchmark(generator: TextGenerator, tokenizer, benchmark: str,
         missing = sum(sample_id(problem.id, mode, i) not in writer for i in range(n))
         if not missing:
           continue
+        tokens = prompt_tokens(tokenizer, benchmark, problem.question, config)
+        too_long = search_runner.prompt_problem(len(tokens), limit)
+        if too_long:
+          if bad_records is None:
+            raise EvalError(f"{benchmark} {problem.id}: {too_long}")
+          bad_records.append({"benchmark": benchmark, "question_id": problem.id, "reason": too_long})
+          break  # the other mode has the same prompt
+        budget, _ = search_runner.clamp_budget(len(tokens), config.max_new_tokens, limit)
         queue.put(GenerationRequest(
-            prompt_tokens=prompt_tokens(tokenizer, benchmark, problem.question, config),
-            max_new_tokens=config.max_new_tokens, sampling=config.sampling(mode),
+            prompt_tokens=tokens, max_new_tokens=budget, sampling=config.sampling(mode),
             seed=request_seed(config.seed, benchmark, problem.id), n=n, request_id=(problem.id, mode)))
         pending += missing
     wanted = {(p.id, mode) for p in problems for mode in config.modes}
@@ -198,7 +213,7 @@ def run_benchmark(generator: TextGenerator, tokenizer, benchmark: str,
     try:
       if pending:
         for result in generator.stream(queue):
-          progress.update(writer.write(_grade_result(result, by_id, benchmark, grade_many)))
+          progress.update(writer.write(_grade_result(result, by_id, benchmark, grade_many, config.max_new_tokens)))
     finally:
       progress.close()
   # In problem order, whatever order units finished in, so a resumed run summarises exactly like a fresh one.
@@ -208,10 +223,11 @@ def run_benchmark(generator: TextGenerator, tokenizer, benchmark: str,
 
 
 def _grade_result(result: GenerationResult, by_id: Mapping[str, benchmarks_lib.Problem], benchmark: str,
-                  grade_many: GradeMany) -> list[dict]:
+                  grade_many: GradeMany, max_new_tokens: int) -> list[dict]:
   question_id, mode = result.request.request_id
   problem = by_id[question_id]
   grades = grade_many([(problem.answer, sample.text) for sample in result.samples])
+  clamped = result.request.max_new_tokens < max_new_tokens
   return [{
       "id": sample_id(question_id, mode, index),
       "benchmark": benchmark,
@@ -226,11 +242,13 @@ def _grade_result(result: GenerationResult, by_id: Mapping[str, benchmarks_lib.P
       "length": len(sample.tokens),
       "finish_reason": sample.finish_reason,
       "thought_switches": count_thought_switches(sample.text),
+      "budget_clamped": clamped,
   } for index, (sample, grade) in enumerate(zip(result.samples, grades))]
 
 
 def evaluate(generator: TextGenerator, tokenizer, benchmark_records: Mapping[str, Sequence[Any]],
-             config: EvalConfig, *, grade_many: GradeMany | None = None) -> dict[str, Any]:
+             config: EvalConfig, *, grade_many: GradeMany | None = None,
+             bad_records: Sequence[dict] = ()) -> dict[str, Any]:
   """Evaluates one model on several benchmarks and writes the whole report; returns the summary dict.
 
   Writes under `config.output_dir`: `samples/<benchmark>.jsonl` (one line per response), `run_config.json`,
@@ -239,7 +257,10 @@ def evaluate(generator: TextGenerator, tokenizer, benchmark_records: Mapping[str
   `benchmark_records` maps a benchmark name to its problems (`Problem`s or `{id, question, answer}` dicts).
   `tokenizer` needs `render_prompt(question)` and `encode(text)` (a `retro_jax.tokenization.Tokenizer`).
   Without `grade_many`, answers are graded by a `retro_jax.grading.Grader` for the duration of the call.
+  `bad_records` (records the loader left out) and the questions whose prompt does not fit are listed in the
+  summary's `bad_records`; rows whose budget was cut to fit are counted in `budget_clamped`.
   """
+  bad = list(bad_records)
   check_run_config(config)
   start = time.monotonic()
   rows: dict[str, list[dict]] = {}
@@ -249,8 +270,10 @@ def evaluate(generator: TextGenerator, tokenizer, benchmark_records: Mapping[str
       grader = stack.enter_context(Grader(num_workers=config.grading_workers, timeout_s=config.grading_timeout_s))
       grade_many = grader.grade_many
     for name, problems in benchmark_records.items():
-      rows[name] = run_benchmark(generator, tokenizer, name, problems, config, grade_many)
+      rows[name] = run_benchmark(generator, tokenizer, name, problems, config, grade_many, bad)
   summary = report.build_summary(rows, name=config.name, config=dataclasses.asdict(config),
                                  wall_time_s=time.monotonic() - start)
+  summary["bad_records"] = bad
+  summary["budget_clamped"] = sum(bool(row.get("budget_clamped")) for group in rows.values() for row in group)
   report.write_report(summary, config.output_dir)
   return summary

@@ -12,9 +12,10 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-import jax
+from retro_jax.user_errors import UserError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "splash", "cudnn", "xla")  # see attention.py
@@ -28,7 +29,7 @@ REMAT_POLICIES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):  # a UserError is a ValueError; the CLI prints it as one line
   """A config.json this port cannot serve faithfully (rather than silently computing something else)."""
 
 

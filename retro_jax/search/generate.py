@@ -5,6 +5,10 @@ from the run seed and the problem id, so a resumed run regenerates a half-writte
 resumable writer keeps only the samples that were missing. Every sample is written, correct or not, with
 `correct` set: `search` passes incorrect traces through as "skipped_incorrect" unless told to revise them.
 
+A prompt that leaves no room under the engine's sequence limit is an error record that a resume runs again (with
+a larger limit); a token budget that does not fit after the prompt is cut to what fits, the record says
+`budget_clamped`, and the summary counts them.
+
 `trace` is the completion exactly as generated. The thinking opener ("<think>\\n") belongs to the rendered
 prompt of R1-style templates, so it is not in the trace; `search` reads traces with or without it.
 """
@@ -17,6 +21,7 @@ import statistics
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+from retro_jax import jsonl
 from retro_jax.engine.requests import GenerationRequest, GenerationResult, SamplingParams, TextGenerator
 from retro_jax.grading import Grader
 from retro_jax.search import runner
@@ -50,6 +55,7 @@ class _SampleJob:
   answer: str
   request: GenerationRequest | None
   grader: Grader
+  budget_clamped: bool = False
   records: list[dict] = dataclasses.field(default_factory=list)
 
   def next_request(self) -> GenerationRequest | None:
@@ -71,6 +77,7 @@ class _SampleJob:
           "sample_index": index,
           "finish_reason": sample.finish_reason,
           "num_tokens": len(sample.tokens),
+          "budget_clamped": self.budget_clamped,
       })
 
   def outputs(self) -> list[dict]:
@@ -94,14 +101,16 @@ def _sample_jobs(rows: Iterable[runner.InputRow], writer: runner.ResumableJsonlW
     except runner.RecordError as error:
       yield runner.FinishedJob([runner.error_record(problem_id, row, str(error))])
       continue
-    request = GenerationRequest(
-        prompt_tokens=tuple(generator.encode(render_prompt(question))),
-        max_new_tokens=config.max_new_tokens,
-        sampling=config.sampling,
-        seed=derive_seed(config.seed, problem_id, "generate"),
-        n=config.num_samples,
-    )
-    yield _SampleJob(problem_id, question, answer, request, grader)
+    prompt_tokens = tuple(generator.encode(render_prompt(question)))
+    limit = runner.sequence_limit(generator)
+    too_long = runner.prompt_problem(len(prompt_tokens), limit)
+    if too_long:
+      yield runner.FinishedJob([runner.error_record(problem_id, row, too_long, retry_on_resume=True)])
+      continue
+    budget, clamped = runner.clamp_budget(len(prompt_tokens), config.max_new_tokens, limit)
+    request = GenerationRequest(prompt_tokens=prompt_tokens, max_new_tokens=budget, sampling=config.sampling,
+                                seed=derive_seed(config.seed, problem_id, "generate"), n=config.num_samples)
+    yield _SampleJob(problem_id, question, answer, request, grader, budget_clamped=clamped)
 
 
 def run_generate(rows: Iterable[runner.InputRow], *, generator: TextGenerator,
@@ -124,14 +133,14 @@ def run_generate(rows: Iterable[runner.InputRow], *, generator: TextGenerator,
     jobs = _sample_jobs(rows, writer, generator, render_prompt, grader, fields, config)
     runner.drive_jobs(jobs, generator, on_finished, max_problems_in_flight)
   summary = summarize_generate(output_path, time.monotonic() - started, grader.counts)
-  runner.write_json_atomically(summary_path or runner.default_summary_path(output_path), summary)
+  jsonl.write_json(summary_path or runner.default_summary_path(output_path), summary)
   print(runner.format_table("generate", summary))
   return summary
 
 
 def summarize_generate(output_path: str, wall_time_s: float, grading_counts: collections.Counter) -> dict:
   """Pass rate over samples (pass@1 estimated from k samples), pass@k over problems, lengths, truncation."""
-  records = list(runner.read_jsonl(output_path))
+  records = list(jsonl.read_jsonl(output_path))
   samples = [record for record in records if record.get("status") != "error"]
   by_problem: dict[Any, list[bool]] = collections.defaultdict(list)
   for record in samples:
@@ -145,6 +154,8 @@ def summarize_generate(output_path: str, wall_time_s: float, grading_counts: col
       "pass_at_k": _fraction([any(flags) for flags in by_problem.values()]),
       "mean_tokens": _fraction([record["num_tokens"] for record in samples]),
       "truncation_rate": _fraction([record["finish_reason"] == "length" for record in samples]),
+      "budget_clamped": sum(bool(record.get("budget_clamped")) for record in samples),
+      "errors_too_long": sum(bool(record.get("retry_on_resume")) for record in records),
       "wall_time_s": wall_time_s,
       "grading": dict(grading_counts),
   }

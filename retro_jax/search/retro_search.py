@@ -1,4 +1,4 @@
-"""Retro-Search of one record, as a small state machine (docs/retro_search.md, sections 3 and 4).
+"""Retro-Search of one record, as a small state machine (search/README.md, sections 3 and 4).
 
 `RecordSearch` never calls the model: it hands out one `GenerationRequest` at a time (all rollouts of one
 boundary, as `n` samples) and takes the result back, so a driver can multiplex thousands of records over one
@@ -26,6 +26,9 @@ Resolved details the spec leaves open:
   win, so the winner is unchanged as long as a winner's solution fits in the current solution plus the
   allowance (which also absorbs re-tokenization drift at the boundary). In `steps` units a rollout with fewer
   but longer steps may be cut: a documented approximation, switched off with `length_bounded_rollouts=False`.
+- Sequence limit: a boundary's budget is cut to what fits the engine's max_seq_len after its prompt (counted in
+  `budgets_clamped`; a cut rollout may end on "length", R = 0); a boundary whose prompt leaves no room ends the
+  search with a `reason`, since later boundaries have longer prompts still.
 - Seeds: a boundary's request is seeded from (run seed, record id, boundary), and the engine draws sample i
   from fold_in(seed, i), so no result depends on which other records share the batch.
 - Partial mode draws its boundaries once from the original trace; after an accepted rollout the boundaries
@@ -66,6 +69,7 @@ class SearchConfig:
   top_k: int = 0
   keywords: tuple[str, ...] = traces.DEFAULT_KEYWORDS
   max_prompt_tokens: int = 0
+  keep_rollouts: bool = False  # write every rollout (text, tokens, grade) into the record's "rollouts"
   seed: int = 0
 
   def __post_init__(self):
@@ -90,16 +94,19 @@ class SearchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SearchContext:
-  """What every record of a run shares: the config, the reviser's tokenizer and the grader."""
+  """What every record of a run shares: the config, the reviser's tokenizer and the grader, and the engine's
+  sequence limit (prompt + generated tokens; None: unlimited)."""
 
   config: SearchConfig
   encode: Encode
   grade_many: GradeMany
   banned_first_token_ids: tuple[int, ...]
+  max_seq_len: int | None = None
 
   @classmethod
-  def create(cls, config: SearchConfig, encode: Encode, grade_many: GradeMany) -> SearchContext:
-    return cls(config, encode, grade_many, keyword_first_token_ids(config.keywords, encode))
+  def create(cls, config: SearchConfig, encode: Encode, grade_many: GradeMany,
+             max_seq_len: int | None = None) -> SearchContext:
+    return cls(config, encode, grade_many, keyword_first_token_ids(config.keywords, encode), max_seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +159,8 @@ class RecordSearch:
     self._accepted: list[int] = []
     self._boundaries_tried = 0
     self._rollouts = 0
+    self._rollout_log: list[dict] = []  # with keep_rollouts
+    self._budgets_clamped = 0
     self._tokens_generated = 0
     self._reason: str | None = None
     if original_grade.correct or self._config.revise_incorrect:
@@ -169,9 +178,19 @@ class RecordSearch:
                       f"max_prompt_tokens={self._config.max_prompt_tokens}")
       self._boundary = None  # later boundaries have longer prompts still
       return None
+    room = None if self._context.max_seq_len is None else self._context.max_seq_len - len(prompt_tokens)
+    if room is not None and room < 1:
+      self._reason = (f"stopped at boundary {self._boundary}: prompt of {len(prompt_tokens)} tokens leaves no room "
+                      f"under engine.max_seq_len={self._context.max_seq_len}")
+      self._boundary = None
+      return None
+    max_new_tokens = self._max_new_tokens(self._boundary)
+    if room is not None and max_new_tokens > room:  # ends on "length" at the sequence limit (R = 0)
+      max_new_tokens = room
+      self._budgets_clamped += 1
     self._request = GenerationRequest(
         prompt_tokens=prompt_tokens,
-        max_new_tokens=self._max_new_tokens(self._boundary),
+        max_new_tokens=max_new_tokens,
         sampling=self._config.sampling,
         seed=derive_seed(self._config.seed, self._record.id, self._boundary),
         n=self._config.rollouts_per_boundary,
@@ -255,14 +274,28 @@ class RecordSearch:
       candidate = self._trajectory(trace, correct=True)  # valued as if correct: grade only possible winners
       if self._value(candidate) > self._value(self._current):
         contenders.append((candidate, len(sample.tokens), index))
-    if not contenders:
-      return None
-    grades = self._context.grade_many([(self._record.answer, c.trace.text) for c, _, _ in contenders])
+    grades = (self._context.grade_many([(self._record.answer, c.trace.text) for c, _, _ in contenders])
+              if contenders else [])
     winners = [item for item, grade in zip(contenders, grades) if grade.correct]
-    if not winners:
-      return None
-    candidate, _, _ = min(winners, key=lambda item: (-self._value(item[0]), item[1], item[2]))
-    return candidate
+    best = min(winners, key=lambda item: (-self._value(item[0]), item[1], item[2])) if winners else None
+    if self._config.keep_rollouts:
+      graded = {index: grade for (_, _, index), grade in zip(contenders, grades)}
+      self._log_rollouts(boundary, kept_text, samples, graded, None if best is None else best[2])
+    return None if best is None else best[0]
+
+  def _log_rollouts(self, boundary: int, kept_text: str, samples: Sequence[Completion],
+                    grades: dict[int, GradeResult], accepted: int | None) -> None:
+    """With keep_rollouts: each rollout's text, length and grade. Rollouts that could not win by their length
+    (or were incomplete) were not graded for the search; they are graded here, so the user sees every grade."""
+    ungraded = [index for index in range(len(samples)) if index not in grades]
+    if ungraded:
+      late = self._context.grade_many([(self._record.answer, kept_text + samples[i].text) for i in ungraded])
+      grades.update(zip(ungraded, late))
+    for index, sample in enumerate(samples):
+      self._rollout_log.append({
+          "boundary": boundary, "text": sample.text, "tokens": len(sample.tokens),
+          "finish_reason": sample.finish_reason, "correct": grades[index].correct,
+          "could_win": index not in ungraded, "accepted": index == accepted})
 
   # ---- output ----
 
@@ -295,8 +328,10 @@ class RecordSearch:
         "thoughts_after": traces.count_thoughts(after, keywords),
         "boundaries_tried": self._boundaries_tried,
         "accepted_boundaries": list(self._accepted),
-        "rollouts": self._rollouts,
+        "num_rollouts": self._rollouts,
+        "budgets_clamped": self._budgets_clamped,
         "tokens_generated": self._tokens_generated,
+        **({"rollouts": self._rollout_log} if self._config.keep_rollouts else {}),
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import tqdm
 
+from retro_jax import jsonl
 from retro_jax.engine.requests import GenerationRequest, GenerationResult, RequestQueue, TextGenerator
 from retro_jax.grading import Grader
 from retro_jax.search import traces
@@ -43,13 +44,7 @@ class FieldMap:
   trace: str = "trace"
 
 
-@dataclasses.dataclass(frozen=True)
-class InputRow:
-  """One input record: `index` is its line (0-based) or dataset row; `error` is set when it is not JSON."""
-
-  index: int
-  data: Any
-  error: str | None = None
+InputRow = jsonl.Line  # one input record: a JSONL line, or a dataset row (then `error` is None)
 
 
 def get_field(data: Any, path: str) -> Any:
@@ -65,18 +60,6 @@ def get_field(data: Any, path: str) -> Any:
   return value
 
 
-def read_jsonl_rows(path: str) -> Iterator[InputRow]:
-  """Rows of a JSONL file; blank lines are not records, and a line that is not JSON is a row with an error."""
-  with open(path, encoding="utf-8") as file:
-    for index, line in enumerate(file):
-      if not line.strip():
-        continue
-      try:
-        yield InputRow(index, json.loads(line))
-      except json.JSONDecodeError as error:
-        yield InputRow(index, None, f"not JSON: {error}")
-
-
 def open_input(spec: str, hf_split: str = "train", hf_subset: str = "") -> tuple[Iterator[InputRow], int]:
   """Rows and their count from a JSONL path, or from a Hugging Face dataset written "hf:<name>"."""
   if spec.startswith("hf:"):
@@ -86,9 +69,7 @@ def open_input(spec: str, hf_split: str = "train", hf_subset: str = "") -> tuple
       raise ImportError("reading an HF dataset needs `datasets`: pip install 'retro_jax[hf]'") from error
     dataset = datasets.load_dataset(spec[len("hf:"):], hf_subset or None, split=hf_split)
     return (InputRow(i, dict(row)) for i, row in enumerate(dataset)), len(dataset)
-  with open(spec, encoding="utf-8") as file:
-    total = sum(1 for line in file if line.strip())
-  return read_jsonl_rows(spec), total
+  return jsonl.read_lines(spec), jsonl.count_lines(spec)
 
 
 def identify(row: InputRow, id_field: str) -> tuple[RecordId, str | None]:
@@ -96,8 +77,6 @@ def identify(row: InputRow, id_field: str) -> tuple[RecordId, str | None]:
   fallback = f"row-{row.index}"
   if row.error is not None:
     return fallback, row.error
-  if not isinstance(row.data, dict):
-    return fallback, "record is not a JSON object"
   if not id_field:
     return fallback, None
   try:
@@ -121,18 +100,32 @@ def text_field(data: dict, path: str, allow_numbers: bool = False) -> str:
   return value
 
 
-def error_record(record_id: RecordId, row: InputRow, reason: str) -> dict:
-  return {"id": record_id, "status": "error", "reason": reason, "row": row.index}
+def error_record(record_id: RecordId, row: InputRow, reason: str, retry_on_resume: bool = False) -> dict:
+  """The output line of a record that could not be run. `retry_on_resume` marks errors a resumed run with other
+  settings may not repeat (a prompt over the sequence limit): the writer drops them on open, so they run again."""
+  record = {"id": record_id, "status": "error", "reason": reason, "row": row.index}
+  if retry_on_resume:
+    record["retry_on_resume"] = True
+  return record
+
+
+def prompt_problem(prompt_tokens: int, max_seq_len: int | None) -> str | None:
+  """Why a prompt of this many tokens cannot run (it leaves no position to generate), or None."""
+  if max_seq_len is None or prompt_tokens < max_seq_len:
+    return None
+  return (f"prompt of {prompt_tokens} tokens does not fit engine.max_seq_len={max_seq_len} (no room to generate); "
+          "raise --config.engine.max_seq_len (up to the model's positions) or shorten the question")
+
+
+def clamp_budget(prompt_tokens: int, max_new_tokens: int, max_seq_len: int | None) -> tuple[int, bool]:
+  """(the token budget that fits after the prompt, whether it had to be cut): a cut budget ends with
+  finish_reason "length" where the sequence limit is reached, and runs count it."""
+  if max_seq_len is None or prompt_tokens + max_new_tokens <= max_seq_len:
+    return max_new_tokens, False
+  return max_seq_len - prompt_tokens, True
 
 
 # ---- resumable output ----
-
-
-def read_jsonl(path: str) -> Iterator[dict]:
-  with open(path, encoding="utf-8") as file:
-    for line in file:
-      if line.strip():
-        yield json.loads(line)
 
 
 class ResumableJsonlWriter:
@@ -148,7 +141,11 @@ class ResumableJsonlWriter:
     self._ids: set[RecordId] = set()
     if os.path.exists(path):
       self._drop_cut_last_line()
-      self._ids = {record["id"] for record in read_jsonl(path)}
+      records = list(jsonl.read_jsonl(path))
+      kept = [record for record in records if not record.get("retry_on_resume")]
+      if len(kept) < len(records):  # errors of an earlier run's settings (over-long prompts): run them again
+        jsonl.write_jsonl(path, kept)
+      self._ids = {record["id"] for record in kept}
     self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
 
   def _drop_cut_last_line(self) -> None:
@@ -258,6 +255,11 @@ def drive_jobs(jobs: Iterable[Job], generator: TextGenerator, on_finished: Calla
     raise RuntimeError(f"the generator stopped with {len(pending)} requests unanswered")
 
 
+def sequence_limit(generator: TextGenerator) -> int | None:
+  """The generator's prompt + generated token limit (`max_seq_len`), None for one without a limit."""
+  return getattr(generator, "max_seq_len", None)
+
+
 def progress_bar(total: int | None, initial: int, enabled: bool) -> tqdm.tqdm:
   return tqdm.tqdm(total=total, initial=initial, unit="rec", dynamic_ncols=True, disable=not enabled)
 
@@ -278,25 +280,47 @@ class _RunStats:
     return (self.statuses["revised"] + self.statuses["recovered"]) / max(1, searched)
 
 
-def _search_record(row: InputRow, fields: FieldMap, render_prompt: Callable[[str], str],
-                   context: SearchContext, record_id: RecordId) -> SearchRecord:
+class RetryableRecordError(RecordError):
+  """A record that does not fit this run's sequence limit: written as an error that a resume runs again."""
+
+
+def _search_job(row: InputRow, fields: FieldMap, render_prompt: Callable[[str], str], context: SearchContext,
+                record_id: RecordId, grader: Grader) -> Job:
+  """The record's search; or, for an incorrect trace the search skips, its finished record.
+
+  Correctness comes before parsing: an incorrect trace whose thinking never closes is `skipped_incorrect` (with
+  the reason), like any incorrect trace; only a trace the search would revise must parse.
+  """
   question = text_field(row.data, fields.question)
   answer = text_field(row.data, fields.answer, allow_numbers=True)
   trace_text = text_field(row.data, fields.trace)
   if not trace_text.strip():
     raise RecordError("empty trace")
-  trace = traces.parse_trace(trace_text)
   prompt_text = render_prompt(question)
+  prompt_tokens = len(context.encode(prompt_text))
   limit = context.config.max_prompt_tokens
-  if limit and len(context.encode(prompt_text)) > limit:
+  if limit and prompt_tokens > limit:
     raise RecordError(f"prompt is over max_prompt_tokens={limit}")
-  return SearchRecord(record_id, question, answer, trace, prompt_text)
+  too_long = prompt_problem(prompt_tokens, context.max_seq_len)
+  if too_long:
+    raise RetryableRecordError(too_long)
+  grade = grader.grade(answer, trace_text)
+  try:
+    trace = traces.parse_trace(trace_text)
+  except traces.TraceFormatError as error:
+    if grade.correct or context.config.revise_incorrect:
+      raise RecordError(str(error)) from None
+    unclosed = traces.parse_trace(trace_text, require_close=False)
+    (output,) = RecordSearch(context, SearchRecord(record_id, question, answer, unclosed, prompt_text),
+                             grade).outputs()
+    return FinishedJob([dict(output, reason=f"{error}; not searched, as the answer is incorrect")])
+  return RecordSearch(context, SearchRecord(record_id, question, answer, trace, prompt_text), grade)
 
 
 def _search_jobs(rows: Iterable[InputRow], writer: ResumableJsonlWriter, context: SearchContext,
                  render_prompt: Callable[[str], str], grader: Grader, fields: FieldMap,
                  stats: _RunStats) -> Iterator[Job]:
-  """One job per row not yet in the output: a RecordSearch, or a FinishedJob holding an error record."""
+  """One job per row not yet in the output: a RecordSearch, or a FinishedJob holding its record."""
   seen: set[RecordId] = set()
   for row in rows:
     record_id, problem = identify(row, fields.id)
@@ -310,11 +334,10 @@ def _search_jobs(rows: Iterable[InputRow], writer: ResumableJsonlWriter, context
       yield FinishedJob([error_record(record_id, row, problem)])
       continue
     try:
-      record = _search_record(row, fields, render_prompt, context, record_id)
-    except (RecordError, traces.TraceFormatError) as error:
-      yield FinishedJob([error_record(record_id, row, str(error))])
-      continue
-    yield RecordSearch(context, record, grader.grade(record.answer, record.trace.text))
+      yield _search_job(row, fields, render_prompt, context, record_id, grader)
+    except RecordError as error:
+      retry = isinstance(error, RetryableRecordError)
+      yield FinishedJob([error_record(record_id, row, str(error), retry_on_resume=retry)])
 
 
 def default_summary_path(output_path: str) -> str:
@@ -330,7 +353,7 @@ def run_search(rows: Iterable[InputRow], *, generator: TextGenerator, render_pro
   if limit > 0:
     rows = itertools.islice(rows, limit)
     total = min(total, limit) if total is not None else limit
-  context = SearchContext.create(config, generator.encode, grader.grade_many)
+  context = SearchContext.create(config, generator.encode, grader.grade_many, sequence_limit(generator))
   stats = _RunStats()
   with ResumableJsonlWriter(output_path) as writer, progress_bar(total, len(writer), progress) as bar:
 
@@ -343,7 +366,8 @@ def run_search(rows: Iterable[InputRow], *, generator: TextGenerator, render_pro
     jobs = _search_jobs(rows, writer, context, render_prompt, grader, fields, stats)
     drive_jobs(jobs, generator, on_finished, max_records_in_flight)
   summary = summarize_search(output_path, stats, grader.counts)
-  write_json_atomically(summary_path or default_summary_path(output_path), summary)
+  summary["search_config"] = {**dataclasses.asdict(config), "keywords": list(config.keywords)}  # for `view`
+  jsonl.write_json(summary_path or default_summary_path(output_path), summary)
   print(format_table("retro-search", summary))
   return summary
 
@@ -357,7 +381,7 @@ def _mean_median(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 def summarize_search(output_path: str, stats: _RunStats, grading_counts: collections.Counter) -> dict:
   """Spec section 5's run summary, over every record in the output file (earlier runs included)."""
-  records = list(read_jsonl(output_path))
+  records = list(jsonl.read_jsonl(output_path))
   statuses = collections.Counter(record["status"] for record in records)
   searched = [record for record in records if record["status"] != "error"]
   summary: dict[str, Any] = {"records": len(records)}
@@ -365,13 +389,16 @@ def summarize_search(output_path: str, stats: _RunStats, grading_counts: collect
     summary[status] = statuses[status]
   for field in ("tokens", "steps", "thoughts"):
     for when in ("before", "after"):
-      mean, median = _mean_median([record[f"{field}_{when}"] for record in searched])
+      mean, median = _mean_median([record[f"{field}_{when}"] for record in searched
+                                   if record[f"{field}_{when}"] is not None])
       summary[f"{field}_{when}_mean"], summary[f"{field}_{when}_median"] = mean, median
   for when in ("before", "after"):
     summary[f"accuracy_{when}"] = (statistics.fmean(record[f"correct_{when}"] for record in searched)
                                    if searched else None)
-  for field in ("boundaries_tried", "rollouts", "tokens_generated"):
-    summary[field] = sum(record[field] for record in searched)
+  for field, key in (("boundaries_tried", "boundaries_tried"), ("rollouts", "num_rollouts"),
+                     ("tokens_generated", "tokens_generated"), ("budgets_clamped", "budgets_clamped")):
+    summary[field] = sum(record.get(key, 0) for record in searched)
+  summary["errors_too_long"] = sum(bool(record.get("retry_on_resume")) for record in records)
   summary["duplicate_ids_skipped"] = stats.duplicates
   summary["records_this_run"] = sum(stats.statuses.values())
   summary["wall_time_s"] = time.monotonic() - stats.started
@@ -383,10 +410,3 @@ def format_table(title: str, summary: dict) -> str:
   rows = [(key, f"{value:.4g}" if isinstance(value, float) else str(value)) for key, value in summary.items()]
   width = max(len(key) for key, _ in rows)
   return "\n".join([title, "-" * (width + 14)] + [f"{key:<{width}}  {value}" for key, value in rows])
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-  temporary = f"{path}.tmp"
-  with open(temporary, "w", encoding="utf-8") as file:
-    json.dump(payload, file, indent=2)
-  os.replace(temporary, path)

@@ -1,6 +1,6 @@
 """Reasoning traces as Retro-Search sees them: steps, thoughts and the boundaries between thoughts.
 
-Spec section 2 (docs/retro_search.md). A trace is `head + thinking + solution`:
+Section 2 of search/README.md. A trace is `head + thinking + solution`:
 - `head`: the opening marker (`<think>` or `<|begin_of_thought|>`) and the white space after it, or "" when the
   marker lives in the rendered prompt instead (R1-style chat templates end the prompt with "<think>\n");
 - `thinking`: split on "\n\n" into steps. The split is lossless: `separators[i]` sits between `steps[i]` and

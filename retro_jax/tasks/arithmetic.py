@@ -15,10 +15,11 @@ Splits are deterministic in the seed, and the held-out questions never occur in 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from typing import Iterable, Sequence
+
+from retro_jax import jsonl
 
 MAX_VALUE = 99
 MAX_ADD_OPERAND = 20
@@ -148,23 +149,6 @@ def make_splits(seed: int, n_train: int, n_eval: int,
   return train_problems, eval_problems
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
-  """Writes one JSON object per line; returns the number of lines.
-
-  The file appears whole or not at all (written beside it, then renamed), so a killed job never leaves a
-  truncated file that a resumed one would take as finished.
-  """
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  count = 0
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
-      count += 1
-  os.replace(path + ".tmp", path)
-  return count
-
-
 def write_problems(path: str | os.PathLike, problems: Iterable[Problem]) -> int:
   """Writes `{"id", "question", "answer"}` records; returns the number written."""
-  return write_jsonl(path, (p.to_record() for p in problems))
+  return jsonl.write_jsonl(path, (p.to_record() for p in problems))

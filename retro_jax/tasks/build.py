@@ -157,7 +157,8 @@ def _build_summary(run: dict, *, num_train_problems: int, seed: int, build_secon
   }
 
 
-def main(argv: list[str]) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+  """The command's flags (also what `--dry-run` parses)."""
   parser = argparse.ArgumentParser(prog="retro-jax build-tiny-reasoner", description=__doc__.splitlines()[0])
   parser.add_argument("--output", default=DEFAULT_OUTPUT, help="where the HF-format model goes")
   parser.add_argument("--steps", type=int, default=800, help="optimizer steps (batch 32 rows of 256 tokens)")
@@ -165,6 +166,11 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=None,
                       help="checkpoints of an unfinished build (default: a per-recipe folder under ~/.cache/retro_jax)")
+  return parser
+
+
+def main(argv: list[str]) -> int:
+  parser = argument_parser()
   args = parser.parse_args(argv)
   if args.steps < 1 or args.problems < 1:
     parser.error("--steps and --problems must be at least 1")

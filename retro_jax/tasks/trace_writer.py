@@ -45,6 +45,7 @@ import pathlib
 import random
 from typing import Sequence
 
+from retro_jax import jsonl
 from retro_jax.tasks import arithmetic
 
 THINK_OPEN = "<think>\n"  # the R1 generation prompt ends with this; a completion is trace[len(THINK_OPEN):]
@@ -231,6 +232,6 @@ def write_task_files(out_dir: str | os.PathLike, seed: int, n_train: int, n_eval
   if trace_config is not None:
     paths["train_traces"] = out / "train_traces.jsonl"
     traces = write_traces(train, trace_config, seed)
-    arithmetic.write_jsonl(paths["train_traces"], (
+    jsonl.write_jsonl(paths["train_traces"], (
         p.to_record() | {"trace": t.text, "meta": t.metadata()} for p, t in zip(train, traces)))
   return paths

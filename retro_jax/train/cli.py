@@ -17,9 +17,9 @@ import sys
 from typing import Callable, Sequence
 
 import ml_collections
-from absl import flags
 
 from retro_jax import config_cli
+from retro_jax.user_errors import UserError
 
 EXIT_PREEMPTED = 3
 
@@ -29,13 +29,9 @@ def parse_config(argv: Sequence[str], command: str) -> ml_collections.ConfigDict
   if any(a in ("-h", "--help", "--helpfull") for a in argv):
     print(__doc__)
     raise SystemExit(0)
-  try:
-    config, _ = config_cli.parse_config(argv, prog=f"retro-jax {command}", lock_config=True)
-  except (flags.Error, AttributeError, KeyError, ValueError) as e:  # unknown flag or key, unparsable value
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is a repr
-    raise SystemExit(f"retro-jax {command}: {message}") from e
+  config, _ = config_cli.parse_config(argv, prog=f"retro-jax {command}", lock_config=True)
   if config is None:
-    raise SystemExit(f"retro-jax {command}: --config FILE is required, e.g. configs/tiny_reasoner_{command}.py")
+    raise UserError("--config FILE is not given", f"pass one, e.g. --config configs/tiny_reasoner_{command}.py")
   return config
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from retro_jax.tokenization import PROMPT_OPTIONS
+from retro_jax.train.data import CORRECT_STATUSES
+
 
 def _model_defaults() -> ml_collections.ConfigDict:
   """Architecture for init="scratch" (ignored when loading pretrained weights). vocab_size 0 = the tokenizer's."""
@@ -24,8 +27,7 @@ def sft_config() -> ml_collections.ConfigDict:
   c.model = _model_defaults()
   c.param_dtype = "float32"  # master weights and optimizer state
   c.compute_dtype = "bfloat16"  # matmul dtype; norms, softmax, logits and the loss stay float32
-  c.chat_template = "auto"  # "auto" (the tokenizer's own) | "r1" | "chatml"
-  c.system_prompt = ""
+  c.update(PROMPT_OPTIONS)  # chat_template, system_prompt, prompt_template: as the traces were sampled
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = ""  # JSONL
@@ -33,6 +35,8 @@ def sft_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.0
   c.data.question_field = "question"
   c.data.trace_field = "trace"  # "revised_trace" for Retro-Search output records
+  c.data.statuses = ",".join(CORRECT_STATUSES)  # records with a `status` (search output) are kept only with one of
+  # these (the correct traces); "" keeps every status. Records without a `status` are always kept.
   c.data.seq_len = 2048  # positions per packed row (an example of n tokens fills n - 1)
   c.data.truncation = "drop"  # over-long examples: "drop" | "truncate" (cuts the completion's end)
   c.data.packing = True
@@ -102,7 +106,7 @@ def pod_long_trace_sft_config(model_dir: str, train_path: str) -> ml_collections
 
 def dpo_config() -> ml_collections.ConfigDict:
   c = sft_config()
-  del c.data.trace_field
+  del c.data.trace_field, c.data.statuses
   c.data.chosen_field = "chosen"
   c.data.rejected_field = "rejected"
   c.optim.learning_rate = 5e-7

@@ -1,6 +1,6 @@
 """Training data: JSONL records -> rendered, tokenized examples with assistant-only loss masks -> packed rows.
 
-One record's path: a JSONL line (`read_jsonl`) -> prompt and completion text rendered with the model's own
+One record's path: a JSONL line (`read_training_records`, which selects search output by status) -> prompt and completion text rendered with the model's own
 chat template (`Tokenizer.render_example`, the same prompt the engine continues when it samples) -> token ids
 of each part, tokenized *separately* so the completion starts on a token boundary exactly as generation sees
 it (`tokenize_sft` / `tokenize_dpo`) -> a row of `seq_len` positions (`build_packed_row` / `build_pair_row`).
@@ -12,77 +12,106 @@ Conventions of a row (all numpy int32, shape [seq_len]):
   and padding never count;
 - `segment_ids` numbers the packed examples 1, 2, ... (0 = padding) and `positions` restart at 0 in each.
 
-Bad input never crashes a run: unreadable lines and records with a missing field are counted and skipped, and
-examples longer than a row are dropped or truncated by an explicit policy, with a count and a warning.
+Bad input never crashes a run: unreadable lines and records with a missing field are counted and skipped,
+search records of an unselected status are dropped and counted by status, and examples longer than a row are
+dropped or truncated by an explicit policy, with a count and a warning.
 """
 from __future__ import annotations
 
 import bisect
 import collections
 import dataclasses
-import json
 import logging
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from retro_jax.tokenization import Tokenizer
+from retro_jax import jsonl
+from retro_jax.tokenization import Tokenizer, parse_completion
+from retro_jax.user_errors import UserError, check_choice
 
 log = logging.getLogger(__name__)
 TRUNCATION_POLICIES = ("drop", "truncate")
+# Retro-Search statuses whose `revised_trace` is a correct trace: SFT's default selection (data.statuses).
+CORRECT_STATUSES = ("revised", "unchanged")
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Input that leaves nothing to train on (rather than a silent zero-step run)."""
 
 
 @dataclasses.dataclass
 class ReadStats:
-  """What `read_jsonl` kept and skipped, with the line numbers of the first few problems."""
+  """What `read_training_records` kept and dropped, and why, with the line numbers of the first few problems."""
 
   lines: int = 0
   records: int = 0
   bad_json: int = 0
   missing_field: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  dropped_status: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # status -> count
+  unclosed_thinking: int = 0
   examples_of_problems: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def skipped(self) -> int:
+    """Lines that are not usable records (bad JSON, a missing field)."""
     return self.bad_json + sum(self.missing_field.values())
 
+  @property
+  def dropped(self) -> int:
+    """Usable records left out on purpose (their status, an unclosed thinking)."""
+    return sum(self.dropped_status.values()) + self.unclosed_thinking
 
-def read_jsonl(path: str, fields: Sequence[str], *, limit: int = 0) -> tuple[list[dict], ReadStats]:
-  """Records of a JSONL file that carry every field in `fields` as a non-empty string.
+  def as_dict(self) -> dict:
+    return {"lines": self.lines, "records": self.records, "bad_lines": self.skipped,
+            "missing_field": dict(self.missing_field), "dropped_by_status": dict(self.dropped_status),
+            "dropped_unclosed_thinking": self.unclosed_thinking}
 
-  A line that is not a JSON object, or lacks a field (absent, null, empty or not a string: a search record
-  with status "error" has no usable `revised_trace`), is counted and skipped with a warning, never fatal.
+
+def parse_statuses(text: str) -> tuple[str, ...]:
+  """`data.statuses` ("revised,unchanged") as a tuple; () keeps every status."""
+  return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def read_training_records(path: str, fields: Sequence[str], *, limit: int = 0, statuses: Sequence[str] = (),
+                          closed_field: str | None = None) -> tuple[list[dict], ReadStats]:
+  """Records of a JSONL file that carry every field in `fields` as a non-empty string, selected for training.
+
+  A line that is not a JSON object, or lacks a field (absent, null, empty or not a string), is counted and
+  skipped. A record with a `status` (Retro-Search output) is kept only when it is one of `statuses` (when given):
+  "skipped_incorrect" records hold a wrong trace and "error" ones none. When `closed_field` is set, a record whose
+  trace there never closes its thinking (`</think>`, a cut generation) is dropped: the model would learn to stop
+  mid-thought. Everything left out is counted by reason and logged, never fatal.
   """
   stats, records = ReadStats(), []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      stats.lines += 1
-      try:
-        record = json.loads(line)
-        if not isinstance(record, dict):
-          raise ValueError("not a JSON object")
-      except ValueError as e:
-        stats.bad_json += 1
-        _note(stats, f"line {number}: not a JSON object ({e})")
-        continue
-      missing = [k for k in fields if not isinstance(record.get(k), str) or not record[k]]
-      if missing:
-        stats.missing_field[missing[0]] += 1
-        _note(stats, f"line {number}: missing or empty field {missing[0]!r}")
-        continue
-      records.append(record)
-      if limit and len(records) >= limit:
-        break
+  for line in jsonl.read_lines(path):
+    stats.lines += 1
+    if line.error is not None:
+      stats.bad_json += 1
+      _note(stats, line.error)
+      continue
+    record = line.data
+    if statuses and "status" in record and record["status"] not in statuses:
+      stats.dropped_status[str(record["status"])] += 1
+      continue
+    missing = [k for k in fields if not isinstance(record.get(k), str) or not record[k]]
+    if missing:
+      stats.missing_field[missing[0]] += 1
+      _note(stats, f"line {line.index + 1}: missing or empty field {missing[0]!r}")
+      continue
+    if closed_field and not parse_completion(record[closed_field]).closed:
+      stats.unclosed_thinking += 1
+      _note(stats, f"line {line.index + 1}: {closed_field!r} never closes its thinking")
+      continue
+    records.append(record)
+    if limit and len(records) >= limit:
+      break
   stats.records = len(records)
-  if stats.skipped:
-    log.warning("%s: skipped %d of %d lines (%d not JSON, missing fields %s); first: %s", path, stats.skipped,
-                stats.lines, stats.bad_json, dict(stats.missing_field), "; ".join(stats.examples_of_problems))
+  if stats.skipped or stats.dropped:
+    log.warning("%s: kept %d of %d lines; skipped %d bad lines (%d not JSON objects, missing fields %s); dropped "
+                "by status %s (keeping %s), %d with unclosed thinking; first problems: %s", path, stats.records,
+                stats.lines, stats.skipped, stats.bad_json, dict(stats.missing_field), dict(stats.dropped_status),
+                ",".join(statuses) or "all", stats.unclosed_thinking, "; ".join(stats.examples_of_problems))
   return records, stats
 
 
@@ -155,16 +184,14 @@ def _fit(prompt_len: int, completion_len: int, seq_len: int, truncation: str,
 
 
 def _check_truncation(truncation: str) -> None:
-  if truncation not in TRUNCATION_POLICIES:
-    raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+  check_choice("--config.data.truncation", truncation, TRUNCATION_POLICIES)
 
 
 def tokenize_sft(records: Sequence[dict], tokenizer: Tokenizer, *, question_field: str, trace_field: str,
-                 seq_len: int, truncation: str = "drop", system_prompt: str | None = None,
-                 name: str = "sft") -> tuple[list[SFTExample], TokenizeStats]:
-  """Renders (question, trace) with the chat template and masks the loss to the completion."""
+                 seq_len: int, truncation: str = "drop", name: str = "sft") -> tuple[list[SFTExample], TokenizeStats]:
+  """Renders (question, trace) with the tokenizer's prompt format and masks the loss to the completion."""
   _check_truncation(truncation)
-  rendered = [tokenizer.render_example(r[question_field], r[trace_field], system_prompt) for r in records]
+  rendered = [tokenizer.render_example(r[question_field], r[trace_field]) for r in records]
   prompts = _encode_all(tokenizer, [p for p, _ in rendered])
   completions = _encode_all(tokenizer, [c for _, c in rendered])
   stats, examples = TokenizeStats(examples=len(records)), []
@@ -181,16 +208,15 @@ def tokenize_sft(records: Sequence[dict], tokenizer: Tokenizer, *, question_fiel
 
 
 def tokenize_dpo(records: Sequence[dict], tokenizer: Tokenizer, *, question_field: str, chosen_field: str,
-                 rejected_field: str, seq_len: int, truncation: str = "drop", system_prompt: str | None = None,
-                 name: str = "dpo") -> tuple[list[DPOExample], TokenizeStats]:
+                 rejected_field: str, seq_len: int, truncation: str = "drop", name: str = "dpo") -> tuple[list[DPOExample], TokenizeStats]:
   """Pairs sharing one rendered prompt; a pair is dropped or truncated when either side does not fit."""
   _check_truncation(truncation)
   prompt_texts, chosen_texts, rejected_texts = [], [], []
   for r in records:
-    prompt, chosen = tokenizer.render_example(r[question_field], r[chosen_field], system_prompt)
+    prompt, chosen = tokenizer.render_example(r[question_field], r[chosen_field])
     prompt_texts.append(prompt)
     chosen_texts.append(chosen)
-    rejected_texts.append(tokenizer.render_example(r[question_field], r[rejected_field], system_prompt)[1])
+    rejected_texts.append(tokenizer.render_example(r[question_field], r[rejected_field])[1])
   prompts = _encode_all(tokenizer, prompt_texts)
   chosen_ids = _encode_all(tokenizer, chosen_texts)
   rejected_ids = _encode_all(tokenizer, rejected_texts)

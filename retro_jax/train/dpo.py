@@ -108,13 +108,13 @@ def reference_logprobs(s: trainer.Setup, graphdef, params, num_rows: int,
 def load_pairs(s: trainer.Setup) -> tuple[list[data.DPOExample], list[data.DPOExample], dict[str, int]]:
   c = s.config.data
   fields = (c.question_field, c.chosen_field, c.rejected_field)
-  records, read_stats = data.read_jsonl(c.train_path, fields, limit=c.limit)
+  records, read_stats = data.read_training_records(c.train_path, fields, limit=c.limit)
   if c.eval_path:
-    eval_records, _ = data.read_jsonl(c.eval_path, fields)
+    eval_records, _ = data.read_training_records(c.eval_path, fields)
   else:
     records, eval_records = data.split_holdout(records, c.eval_fraction, s.config.seed)
   kwargs = dict(question_field=c.question_field, chosen_field=c.chosen_field, rejected_field=c.rejected_field,
-                seq_len=c.seq_len, truncation=c.truncation, system_prompt=s.config.system_prompt or None)
+                seq_len=c.seq_len, truncation=c.truncation)
   train, tok_stats = data.tokenize_dpo(records, s.tokenizer, name="dpo train", **kwargs)
   held_out, _ = data.tokenize_dpo(eval_records, s.tokenizer, name="dpo eval", **kwargs)
   if not train:

@@ -35,26 +35,30 @@ def _summarize(sums: dict[str, float]) -> dict[str, float]:
           "tokens": sums["tokens"]}
 
 
-def load_examples(s: trainer.Setup) -> tuple[list[data.SFTExample], list[data.SFTExample], dict[str, int]]:
-  """(train examples, held-out examples, data statistics) from config.data."""
+def load_examples(s: trainer.Setup) -> tuple[list[data.SFTExample], list[data.SFTExample], dict[str, Any]]:
+  """(train examples, held-out examples, data statistics) from config.data; the statistics (also in the run
+  summary) say how many records were dropped and why."""
   c = s.config.data
   fields = (c.question_field, c.trace_field)
-  records, read_stats = data.read_jsonl(c.train_path, fields, limit=c.limit)
+  select = dict(statuses=data.parse_statuses(c.statuses), closed_field=c.trace_field)
+  records, read_stats = data.read_training_records(c.train_path, fields, limit=c.limit, **select)
   if c.eval_path:
-    eval_records, eval_read = data.read_jsonl(c.eval_path, fields)
+    eval_records, eval_read = data.read_training_records(c.eval_path, fields, **select)
   else:
     records, eval_records = data.split_holdout(records, c.eval_fraction, s.config.seed)
     eval_read = None
   kwargs = dict(question_field=c.question_field, trace_field=c.trace_field, seq_len=c.seq_len,
-                truncation=c.truncation, system_prompt=s.config.system_prompt or None)
+                truncation=c.truncation)
   train, tok_stats = data.tokenize_sft(records, s.tokenizer, name="sft train", **kwargs)
   held_out, _ = data.tokenize_sft(eval_records, s.tokenizer, name="sft eval", **kwargs)
   if not train:
-    raise data.DataError(f"no usable training examples in {c.train_path!r} (read {read_stats.records} records, "
-                         f"skipped {read_stats.skipped} lines, {tok_stats.examples - tok_stats.kept} too long "
-                         f"for seq_len={c.seq_len})")
-  stats = {"lines": read_stats.lines, "bad_lines": read_stats.skipped, "train_examples": len(train),
-           "eval_examples": len(held_out), "truncated": tok_stats.truncated,
+    raise data.DataError(
+        f"no usable training examples in {c.train_path!r} ({read_stats.lines} lines: {read_stats.skipped} bad, "
+        f"dropped by status {dict(read_stats.dropped_status)}, {read_stats.unclosed_thinking} with unclosed "
+        f"thinking, {tok_stats.examples - tok_stats.kept} over seq_len={c.seq_len})",
+        f"check --config.data.trace_field={c.trace_field!r}, --config.data.statuses={c.statuses!r} and the file")
+  stats = {**read_stats.as_dict(), "train_examples": len(train), "eval_examples": len(held_out),
+           "truncated": tok_stats.truncated,
            "dropped_too_long": tok_stats.dropped_too_long + tok_stats.dropped_prompt_too_long,
            "eval_bad_lines": eval_read.skipped if eval_read else 0}
   return train, held_out, stats

@@ -28,12 +28,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from retro_jax import sharding
+from retro_jax import sharding, user_errors
 from retro_jax.checkpoint import hf
 from retro_jax.checkpoint.train_state import TrainCheckpointer
 from retro_jax.models.config import Qwen2Config
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
-from retro_jax.tokenization import Tokenizer, load_tokenizer
+from retro_jax.tokenization import Tokenizer, load_tokenizer_for
 from retro_jax.train import input_pipeline, metrics as metrics_lib, optim
 
 log = logging.getLogger(__name__)
@@ -82,15 +82,21 @@ class Setup:
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Mesh, tokenizer and model config (with master/compute dtypes), before any weights are touched."""
   if not config.workdir:
-    raise ValueError("config.workdir is required (checkpoints, TensorBoard events and the export go there)")
-  if not config.data.train_path:
-    raise ValueError("config.data.train_path is required (a JSONL file of training records)")
-  if config.init not in ("pretrained", "scratch"):
-    raise ValueError(f"config.init must be 'pretrained' or 'scratch', got {config.init!r}")
+    raise user_errors.UserError("config.workdir is not set",
+                                "pass --config.workdir=DIR (checkpoints, TensorBoard events and the export go there)")
+  user_errors.check_input_file(config.data.train_path, "--config.data.train_path")
+  if config.data.eval_path:
+    user_errors.check_input_file(config.data.eval_path, "--config.data.eval_path")
+  user_errors.check_choice("--config.init", config.init, ("pretrained", "scratch"))
+  user_errors.check_choice("--config.remat", config.remat, ("none", "dots", "full"))
+  user_errors.check_choice("--config.optim.decay", config.optim.decay, ("cosine", "linear", "constant"))
+  if config.init == "pretrained":
+    user_errors.check_model_dir(config.model_dir, "--config.model_dir")
   base_dir = config.tokenizer_dir or config.model_dir
   if not base_dir:
-    raise ValueError("config.model_dir (or config.tokenizer_dir for init='scratch') is required")
-  tokenizer = load_tokenizer(base_dir, template=config.chat_template)
+    raise user_errors.UserError("no tokenizer: config.model_dir and config.tokenizer_dir are both empty",
+                                "pass --config.tokenizer_dir=DIR (init='scratch') or --config.model_dir=DIR")
+  tokenizer = load_tokenizer_for(base_dir, config)
   if config.init == "pretrained":
     model_config = Qwen2Config.from_pretrained(config.model_dir, param_dtype=config.param_dtype,
                                                dtype=config.compute_dtype)
@@ -219,7 +225,7 @@ class _PreemptionFlag:
 def total_steps(config, num_rows: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
-  return max(1, int(config.num_epochs * input_pipeline.rows_per_epoch(num_rows) // config.batch_size))
+  return max(1, int(config.num_epochs * num_rows // config.batch_size))
 
 
 def fit(s: Setup, task: Task, on_step: Callable[[int, dict | None], None] | None = None) -> dict[str, Any]:
@@ -324,13 +330,15 @@ def _train(s: Setup, task: Task, ckpt: TrainCheckpointer, meta: dict, schedule, 
       on_step(done, logged)
     preempted = flag.requested or ckpt.reached_preemption(done)
     eval_due = config.eval_every_steps and done % config.eval_every_steps == 0 and done < steps
-    if eval_due or ckpt.due(done) or preempted:
+    # The final step is always saved: the export may still fail, and a rerun must not retrain the tail.
+    save_due = ckpt.due(done) or preempted or done == steps
+    if eval_due or save_due:
       jax.block_until_ready(state["step"])  # the step's own time stays on the training clock
       pause_start = time.perf_counter()
       if eval_due and (result := evaluate(eval_step, state["params"], task, s)):
         writer.write(done, result, split="eval")
         summary["history"].append(dict(result, step=done, split="eval"))
-      if ckpt.due(done) or preempted:
+      if save_due:
         ckpt.save(done, state, train_iter, meta, extras, wait=preempted)
       paused += time.perf_counter() - pause_start
     if preempted:
@@ -359,13 +367,16 @@ def _log_interval(pending: list[Sums], task: Task) -> tuple[dict[str, float], li
 
 
 def export(s: Setup, model: Qwen2ForCausalLM) -> str:
-  """HF directory of the trained model (+ tokenizer files and generation_config.json of the base model)."""
+  """HF directory of the trained model (+ tokenizer files and generation_config.json of the base model).
+
+  In a multi-host job every process calls it and process 0 writes the directory (it must be on storage that
+  process reads, and it is written by one host only)."""
   config = s.config
   out = config.export_dir or os.path.join(config.workdir, "export")
   dtype = config.export_dtype or _base_dtype(config)
-  if jax.process_count() > 1:
-    raise NotImplementedError("HF export from a multi-host job: export from the orbax checkpoint on one host")
-  hf.save_pretrained(model, out, dtype=dtype)
+  hf.save_pretrained(model, out, dtype=dtype)  # every process takes part in its gathers; process 0 writes
+  if jax.process_index() != 0:
+    return out
   for name in TOKENIZER_FILES:
     sources = [os.path.join(d, name) for d in (s.base_dir, config.model_dir) if d]
     found = [p for p in sources if os.path.exists(p)]

@@ -1,0 +1,255 @@
+"""The programs a command runs, lowered from abstract inputs by the project's own builders, then compiled for a
+TPU topology and measured: per-device memory (XLA's buffer assignment) and FLOPs / bytes (XLA's cost model).
+
+- sft / dpo: `trainer.make_train_step` (loss + grad over the micro-batches, the optimizer update included) and
+  `trainer.make_eval_step`, with the Task of `sft.build_task` / `dpo.build_task` and the train state's
+  shardings from `trainer.state_shardings`; no data is read and no weights exist.
+- generate / search / eval: `Qwen2Engine.lowered_programs`, the programs `warmup` compiles, over abstract
+  params with the serving shardings.
+
+XLA's cost model counts a loop body once. The two loops that carry most of a program's work have a trip count
+the plan knows, so it scales them: gradient accumulation (`flops = update + n x (step - update)`, the update
+compiled alone to know its share) and the decode steps of `generate`. Loops it cannot attribute (the loss's
+logits chunks, top-p bisection) are counted in `uncounted_loops`: the program's FLOPs are a lower bound then.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from retro_jax import sharding
+from retro_jax.models.config import Qwen2Config
+from retro_jax.models.qwen2 import Qwen2ForCausalLM
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+  """One compiled program, per device. total = arguments + outputs - donated (aliased) + temp + resident, where
+  resident is what stays in memory from other programs while this one runs (the optimizer state during eval,
+  the decode state during prefill)."""
+
+  name: str
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  resident_bytes: int
+  total_bytes: int
+  hbm_bytes: float
+  flops: float | None  # None where the compiler refused the program (over HBM)
+  bytes_accessed: float | None
+  roofline_s: float | None
+  compile_s: float
+  loop_scale: int = 1  # the trip count applied to XLA's cost (grad accumulation, decode steps)
+  uncounted_loops: int = 0
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes <= self.hbm_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """What the roofline divides by, per device (a v4 AOT device is one of a chip's two TensorCores)."""
+
+  hbm_bytes: float
+  hbm_bytes_per_s: float
+  peak_flops: float
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (or arrays)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+    key = jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    total += math.prod(shape) * (8 if key else np.dtype(leaf.dtype).itemsize)  # a threefry key is 2 x uint32
+  return total
+
+
+def _cost(compiled) -> tuple[float, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def measure(name: str, lowered, device: Device, *, arguments: Any = (), resident_bytes: int = 0,
+            loop_scale: int = 1, outside_loop: tuple[float, float] = (0.0, 0.0), scaled_loops: int = 0
+            ) -> ProgramPlan:
+  """Compiles `lowered` and reads its memory and cost. With `loop_scale` n > 1, the cost inside the one loop
+  XLA counted once is multiplied: cost = outside + n x (xla - outside). `arguments` (the abstract inputs, with
+  shardings) give the argument bytes when the compiler refuses a program that cannot fit."""
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    over = _over_hbm(str(e))
+    if over is None:
+      raise
+    return _refused(name, arguments, device, over, resident_bytes, time.perf_counter() - start)
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  flops, accessed = _cost(compiled)
+  if loop_scale > 1:
+    flops = outside_loop[0] + loop_scale * max(flops - outside_loop[0], 0.0)
+    accessed = outside_loop[1] + loop_scale * max(accessed - outside_loop[1], 0.0)
+  loops = compiled.as_text().count(" while(")
+  arg, out, alias = memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes
+  temp = memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
+  roofline = max(flops / device.peak_flops, accessed / device.hbm_bytes_per_s)
+  return ProgramPlan(name=name, argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
+                     resident_bytes=resident_bytes, total_bytes=arg + out - alias + temp + resident_bytes,
+                     hbm_bytes=device.hbm_bytes, flops=flops, bytes_accessed=accessed, roofline_s=roofline,
+                     compile_s=compile_s, loop_scale=loop_scale, uncounted_loops=max(loops - scaled_loops, 0))
+
+
+def _over_hbm(message: str) -> int | None:
+  """The temp bytes of XLA's "Ran out of memory on HBM" refusal (XLA prints binary units: G = GiB)."""
+  match = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  return None if match is None else int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2)))
+
+
+def _refused(name: str, arguments: Any, device: Device, temp: int, resident: int, compile_s: float) -> ProgramPlan:
+  """A program the TPU compiler refused because its temporaries alone exceed HBM: no cost figures, the
+  arguments counted from their shapes (outputs assumed donated in place)."""
+  args = per_device_bytes(arguments)
+  return ProgramPlan(name=name, argument_bytes=args, output_bytes=0, alias_bytes=0, temp_bytes=temp,
+                     resident_bytes=resident, total_bytes=args + temp + resident, hbm_bytes=device.hbm_bytes,
+                     flops=None, bytes_accessed=None, roofline_s=None, compile_s=compile_s)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+
+def example_row(command: str, seq_len: int) -> dict[str, np.ndarray]:
+  """One row as the trainer's data pipeline builds it (shapes and dtypes are all the plan needs)."""
+  from retro_jax.train import data  # pylint: disable=import-outside-toplevel
+  if command == "sft":
+    return data.build_packed_row([], seq_len)
+  one = np.ones(1, np.int32)
+  row = data.build_pair_row(data.DPOExample(prompt=one, chosen=one, rejected=one), seq_len)
+  row["reference_logps"] = np.zeros(2, np.float32)
+  return row
+
+
+def training_programs(command: str, config, model_config: Qwen2Config, mesh, device: Device
+                      ) -> Iterator[ProgramPlan]:
+  """Plans of the train step (optimizer update included) and the eval step of an SFT or DPO config."""
+  from retro_jax.train import dpo, input_pipeline, sft, trainer  # pylint: disable=import-outside-toplevel
+  s = trainer.Setup(config=config, mesh=mesh, tokenizer=None, model_config=model_config, base_dir="")
+  task = (sft if command == "sft" else dpo).build_task(s, [], [], {})
+  graphdef, params, param_sh = trainer.init_params(s, abstract=True)
+  schedule, tx = trainer.schedule_and_optimizer(config, max(config.num_train_steps, 1))  # steps: constants only
+  state_sh = trainer.state_shardings(tx, params, param_sh, mesh)
+  state = _abstract(jax.eval_shape(trainer.initial_state_fn(tx, config.seed), params), state_sh)
+
+  accum = config.grad_accum_steps
+  try:
+    input_pipeline.process_batch_size(config.batch_size, accum, mesh)  # the run's own batch-split check
+  except ValueError as e:
+    raise sharding.ShardingError(str(e)) from e
+  row = example_row(command, config.data.seq_len)
+  micro = {k: v[None, None] for k, v in row.items()}
+  batch_sh = input_pipeline.batch_shardings(micro, mesh, batch_axis=1)
+  batch = {k: jax.ShapeDtypeStruct((accum, config.batch_size // accum) + v.shape, v.dtype, sharding=batch_sh[k])
+           for k, v in row.items()}
+  step = trainer.make_train_step(graphdef, task, tx, schedule, state_sh, batch_sh, mesh)
+
+  update_cost = (0.0, 0.0)
+  if accum > 1:  # the update alone: the part of the step outside the accumulation loop
+    def update(grads, opt_state, p):
+      updates, opt_state = tx.update(grads, opt_state, p)
+      return optax.apply_updates(p, updates), opt_state
+    update_plan = measure("optimizer_update", jax.jit(update, donate_argnums=(1, 2)).lower(
+        state["params"], state["opt_state"], state["params"]), device,
+        arguments=(state["params"], state["opt_state"], state["params"]))
+    update_cost = (update_plan.flops or 0.0, update_plan.bytes_accessed or 0.0)
+    yield update_plan
+  yield measure("train_step", step.lower(state, batch), device, arguments=(state, batch), loop_scale=accum,
+                outside_loop=update_cost, scaled_loops=1 if accum > 1 else 0)
+
+  eval_rows = trainer.eval_batch_size(config)
+  eval_row = {k: v[None] for k, v in row.items()}
+  eval_sh = input_pipeline.batch_shardings(eval_row, mesh, batch_axis=0)
+  eval_batch = {k: jax.ShapeDtypeStruct((eval_rows,) + v.shape, v.dtype, sharding=eval_sh[k]) for k, v in row.items()}
+  eval_step = trainer.make_eval_step(graphdef, task, param_sh, eval_sh, mesh)
+  others = {k: v for k, v in state.items() if k != "params"}  # the optimizer state stays on device during eval
+  yield measure("eval_step", eval_step.lower(state["params"], eval_batch), device,
+                arguments=(state["params"], eval_batch), resident_bytes=per_device_bytes(others))
+
+
+# ---- serving --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ServingShape:
+  """The engine settings a serving plan compiles at."""
+
+  max_concurrent_decodes: int
+  max_seq_len: int
+  decode_steps: int
+  all_buckets: bool  # every prefill bucket, else the largest only
+  prefix_cache_bytes: int
+
+
+def serving_programs(model_config: Qwen2Config, mesh, device: Device, shape: ServingShape
+                     ) -> tuple[list[ProgramPlan], dict[str, Any]]:
+  """Plans of the engine's prefill buckets, inserts and generate step at the configured slots and length, and
+  the serving figures: weights and KV-cache bytes per device, KV bytes per token, decode tokens/s at the
+  roofline."""
+  from retro_jax.engine.qwen2_engine import Qwen2Engine  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config, nnx.Rngs(0)))
+  engine = Qwen2Engine(model, max_concurrent_decodes=shape.max_concurrent_decodes, max_seq_len=shape.max_seq_len,
+                       decode_steps=shape.decode_steps, mesh=mesh)
+  state = nnx.state(model)
+  params = _abstract(nnx.to_pure_dict(state),
+                     nnx.to_pure_dict(sharding.state_shardings(state, mesh, sharding.SERVE_RULES)))
+  weights = per_device_bytes(params)
+  # the decode state as `warmup` sees it (shapes and shardings; the engine has no public accessor for them)
+  decode_state = _abstract(jax.eval_shape(engine._init_state),  # pylint: disable=protected-access
+                           engine._state_sharding)  # pylint: disable=protected-access
+  kv = per_device_bytes((decode_state.cache.keys, decode_state.cache.values))
+  prefix_cache = shape.prefix_cache_bytes // mesh.shape["tensor"]  # its KV heads are split over tensor
+  prefill = engine.prefill_buckets if shape.all_buckets else engine.prefill_buckets[-1:]
+  plans = []
+  # per prefill bucket, the batched prefill of the most prompts (the largest) and its insert
+  largest = {f"{kind}[{engine.prefill_batch_size(t)}x{t}]" for t in prefill for kind in ("prefill", "insert")}
+  for name, lowered in engine.lowered_programs(params, prefill_lengths=prefill,
+                                               attend_lengths=[engine.attend_buckets[-1]]):
+    if name not in largest and not name.startswith("generate"):
+      continue  # smaller prefills, and small programs (state init, sampling the first token, trims)
+    if name.startswith("generate"):
+      plans.append(measure(name, lowered, device, arguments=(params, decode_state), resident_bytes=prefix_cache,
+                           loop_scale=shape.decode_steps, scaled_loops=1))
+    else:  # the decode state and the prefix cache stay in memory while a prompt is prefilled and inserted
+      resident = (kv + prefix_cache) if name.startswith("prefill") else prefix_cache
+      plans.append(measure(name, lowered, device, arguments=params, resident_bytes=resident))
+  generate = plans[-1]
+  kv_per_token = kv / (shape.max_concurrent_decodes * shape.max_seq_len)
+  summary = {
+      "weights_bytes": weights, "kv_cache_bytes": kv, "kv_bytes_per_token": kv_per_token,
+      "prefix_cache_bytes": prefix_cache, "max_concurrent_decodes": shape.max_concurrent_decodes,
+      "max_seq_len": shape.max_seq_len, "decode_steps": shape.decode_steps,
+      # every slot at full length: the slowest decode step of this engine
+      "decode_step_roofline_s": generate.roofline_s and generate.roofline_s / shape.decode_steps,
+      "decode_tokens_per_s_roofline": generate.roofline_s and (
+          shape.max_concurrent_decodes * shape.decode_steps / generate.roofline_s),
+      # the best a step can do: read the weights and every slot's full KV once (XLA's bytes count more: it also
+      # charges the cache updates and copies of the compiled program)
+      "decode_tokens_per_s_read_bound": shape.max_concurrent_decodes * device.hbm_bytes_per_s / (weights + kv),
+      # KV tokens the memory left after weights, the largest program's temp and the prefix cache would hold
+      "kv_tokens_that_fit": int(max(device.hbm_bytes - weights - max(p.temp_bytes for p in plans) - prefix_cache,
+                                    0) // kv_per_token),
+  }
+  return plans, summary
+
