@@ -47,10 +47,23 @@ def test_sft_plan_bytes_match_the_train_state_by_hand(tmp_path, capsys):
   assert plan["versions"]["libtpu"] != "not installed"
   # XLA's FLOPs of one step on one device against the trainer's model-FLOPs count: no remat, so the hardware does
   # the model's work plus the masked half of causal attention, the norms and the softmaxes (a few % at t=128).
+  # (Splash attention's Pallas kernel is counted by its own cost estimate, a little under the model's count.)
   model = plan["training"]["model_flops_per_step_per_device"]
-  assert 1.0 <= step["flops"] / model <= 1.15
+  assert 0.95 <= step["flops"] / model <= 1.15
   assert step["roofline_s"] == pytest.approx(max(step["flops"] / 197e12, step["bytes_accessed"] / 819e9))
   assert "train step: 1,024 tokens" in capsys.readouterr().out
+
+
+def test_flops_count_every_scanned_layer(tmp_path):
+  # XLA counts the layers' scan body once; the plan costs one layer from a 1-layer and an unrolled 2-layer
+  # compile, so 4 layers come out at the model's count as 1 layer does (without it: ~1/4).
+  code, plan = _plan(["--config", "configs/tiny_reasoner_sft.py", "--topology", "v5e:2x2", "--num_layers", "4",
+                      "--config.data.seq_len=128", "--config.loss_chunk_size=128", "--config.mesh.data=4",
+                      "--config.mesh.fsdp=1", "--config.batch_size=8"], tmp_path)
+  assert code == 0
+  step = plan["programs"][0]
+  assert 0.95 <= step["flops"] / plan["training"]["model_flops_per_step_per_device"] <= 1.15
+  assert step["uncounted_loops"] == 0
 
 
 def test_misfit_exits_nonzero_naming_the_program_and_the_fix(tmp_path, capsys):

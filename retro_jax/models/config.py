@@ -108,6 +108,9 @@ class Qwen2Config:
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay float32
   attention: str = "auto"  # full-sequence attention: "auto" picks by platform (attention.py)
   remat: str = "none"  # default remat policy of the scanned layers (REMAT_POLICIES)
+  # lax.scan's unroll of the layer loop: 1 compiles one layer; `retro-jax plan` unrolls a 2-layer copy to cost one
+  # layer, since XLA's cost model counts a loop body once
+  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

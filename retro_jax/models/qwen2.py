@@ -193,7 +193,8 @@ class Qwen2ForCausalLM(nnx.Module):
     if kv_cache is not None:
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
                          mask=cache_mask(kv_cache.lengths, t, kv_cache.max_len), empty=empty_cache)
-    (x, cache), _ = jax.lax.scan(layer_step, (sharding.constrain(x, between_layers), cache), stacked)
+    (x, cache), _ = jax.lax.scan(layer_step, (sharding.constrain(x, between_layers), cache), stacked,
+                                 unroll=self.config.scan_unroll)
     x = self.final_norm(x)
     if kv_cache is None:
       return x, None

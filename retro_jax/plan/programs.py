@@ -7,10 +7,12 @@ TPU topology and measured: per-device memory (XLA's buffer assignment) and FLOPs
 - generate / search / eval: `Qwen2Engine.lowered_programs`, the programs `warmup` compiles, over abstract
   params with the serving shardings.
 
-XLA's cost model counts a loop body once. The two loops that carry most of a program's work have a trip count
-the plan knows, so it scales them: gradient accumulation (`flops = update + n x (step - update)`, the update
-compiled alone to know its share) and the decode steps of `generate`. Loops it cannot attribute (the loss's
-logits chunks, top-p bisection) are counted in `uncounted_loops`: the program's FLOPs are a lower bound then.
+XLA's cost model counts a loop body once. The loops that carry most of a program's work have a trip count the
+plan knows, so it scales them: the scanned layers (each program is compiled again, for cost only, on a 1-layer
+and a 2-layer unrolled model: LayerCost), gradient accumulation (`flops = update + n x (step - update)`, the
+update compiled alone to know its share) and the decode steps of `generate`. Loops it cannot attribute (the
+loss's logits chunks, top-p bisection) are counted in `uncounted_loops`: the program's FLOPs are a lower bound
+then. A Pallas kernel (splash attention on TPU) is counted by the cost estimate it declares.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -82,11 +84,12 @@ def _cost(compiled) -> tuple[float, float]:
 
 
 def measure(name: str, lowered, device: Device, *, arguments: Any = (), resident_bytes: int = 0,
-            loop_scale: int = 1, outside_loop: tuple[float, float] = (0.0, 0.0), scaled_loops: int = 0
-            ) -> ProgramPlan:
-  """Compiles `lowered` and reads its memory and cost. With `loop_scale` n > 1, the cost inside the one loop
-  XLA counted once is multiplied: cost = outside + n x (xla - outside). `arguments` (the abstract inputs, with
-  shardings) give the argument bytes when the compiler refuses a program that cannot fit."""
+            loop_scale: int = 1, outside_loop: tuple[float, float] = (0.0, 0.0), scaled_loops: int = 0,
+            cost: "LayerCost | None" = None) -> ProgramPlan:
+  """Compiles `lowered` and reads its memory and cost. `cost` (the layers' loop counted, see LayerCost) replaces
+  XLA's count of the scanned program. With `loop_scale` n > 1, the cost inside the one loop XLA counted once is
+  multiplied: cost = outside + n x (xla - outside). `arguments` (the abstract inputs, with shardings) give the
+  argument bytes when the compiler refuses a program that cannot fit."""
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -97,11 +100,11 @@ def measure(name: str, lowered, device: Device, *, arguments: Any = (), resident
     return _refused(name, arguments, device, over, resident_bytes, time.perf_counter() - start)
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  flops, accessed = _cost(compiled)
+  flops, accessed = _cost(compiled) if cost is None else (cost.flops, cost.bytes_accessed)
   if loop_scale > 1:
     flops = outside_loop[0] + loop_scale * max(flops - outside_loop[0], 0.0)
     accessed = outside_loop[1] + loop_scale * max(accessed - outside_loop[1], 0.0)
-  loops = compiled.as_text().count(" while(")
+  loops = _loops(compiled) if cost is None else cost.loops
   arg, out, alias = memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes
   temp = memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
   roofline = max(flops / device.peak_flops, accessed / device.hbm_bytes_per_s)
@@ -109,6 +112,40 @@ def measure(name: str, lowered, device: Device, *, arguments: Any = (), resident
                      resident_bytes=resident_bytes, total_bytes=arg + out - alias + temp + resident_bytes,
                      hbm_bytes=device.hbm_bytes, flops=flops, bytes_accessed=accessed, roofline_s=roofline,
                      compile_s=compile_s, loop_scale=loop_scale, uncounted_loops=max(loops - scaled_loops, 0))
+
+
+def _loops(compiled) -> int:
+  return compiled.as_text().count(" while(")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """A program's cost with its layers counted: XLA counts the scanned layers' loop body once, so the plan
+  compiles the program again for a 1-layer model (cost a + b) and a 2-layer model with the scan unrolled
+  (a + 2b); L layers cost a + L x b. `loops`: the while loops left in the unrolled program (what stays
+  uncounted)."""
+
+  flops: float
+  bytes_accessed: float
+  loops: int
+
+
+def layer_costs(lowered_programs: Callable[[Qwen2Config], Iterator[tuple[str, Any]]], model_config: Qwen2Config
+                ) -> dict[str, LayerCost]:
+  """LayerCost per program name of `lowered_programs(model_config)` (which yields (name, lowered)), from the two
+  shallow compiles; empty for a 1-layer model, where XLA's count is already complete."""
+  layers = model_config.num_layers
+  if layers == 1:
+    return {}
+  one = {name: _cost(lowered.compile()) for name, lowered in lowered_programs(model_config.replace(num_layers=1))}
+  two = {}
+  for name, lowered in lowered_programs(model_config.replace(num_layers=2, scan_unroll=2)):
+    compiled = lowered.compile()
+    two[name] = (*_cost(compiled), _loops(compiled))
+  return {name: LayerCost(flops=one[name][0] + (layers - 1) * (two[name][0] - one[name][0]),
+                          bytes_accessed=one[name][1] + (layers - 1) * (two[name][1] - one[name][1]),
+                          loops=two[name][2])
+          for name in one.keys() & two.keys()}
 
 
 def _over_hbm(message: str) -> int | None:
@@ -143,9 +180,8 @@ def example_row(command: str, seq_len: int) -> dict[str, np.ndarray]:
   return row
 
 
-def training_programs(command: str, config, model_config: Qwen2Config, mesh, device: Device
-                      ) -> Iterator[ProgramPlan]:
-  """Plans of the train step (optimizer update included) and the eval step of an SFT or DPO config."""
+def _training_lowered(command: str, config, model_config: Qwen2Config, mesh) -> dict[str, Any]:
+  """The train and eval steps of `model_config` lowered over abstract inputs, with what measuring them needs."""
   from retro_jax.train import dpo, input_pipeline, sft, trainer  # pylint: disable=import-outside-toplevel
   s = trainer.Setup(config=config, mesh=mesh, tokenizer=None, model_config=model_config, base_dir="")
   task = (sft if command == "sft" else dpo).build_task(s, [], [], {})
@@ -166,8 +202,27 @@ def training_programs(command: str, config, model_config: Qwen2Config, mesh, dev
            for k, v in row.items()}
   step = trainer.make_train_step(graphdef, task, tx, schedule, state_sh, batch_sh, mesh)
 
+  eval_rows = trainer.eval_batch_size(config)
+  eval_row = {k: v[None] for k, v in row.items()}
+  eval_sh = input_pipeline.batch_shardings(eval_row, mesh, batch_axis=0)
+  eval_batch = {k: jax.ShapeDtypeStruct((eval_rows,) + v.shape, v.dtype, sharding=eval_sh[k]) for k, v in row.items()}
+  eval_step = trainer.make_eval_step(graphdef, task, param_sh, eval_sh, mesh)
+  return {"tx": tx, "state": state, "batch": batch, "eval_batch": eval_batch,
+          "train_step": step.lower(state, batch), "eval_step": eval_step.lower(state["params"], eval_batch)}
+
+
+def training_programs(command: str, config, model_config: Qwen2Config, mesh, device: Device
+                      ) -> Iterator[ProgramPlan]:
+  """Plans of the train step (optimizer update included) and the eval step of an SFT or DPO config."""
+  built = _training_lowered(command, config, model_config, mesh)
+  state, batch, accum = built["state"], built["batch"], config.grad_accum_steps
+  costs = layer_costs(lambda cfg: ((name, _training_lowered(command, config, cfg, mesh)[name])
+                                   for name in ("train_step", "eval_step")), model_config)
+
   update_cost = (0.0, 0.0)
   if accum > 1:  # the update alone: the part of the step outside the accumulation loop
+    tx = built["tx"]
+
     def update(grads, opt_state, p):
       updates, opt_state = tx.update(grads, opt_state, p)
       return optax.apply_updates(p, updates), opt_state
@@ -176,18 +231,15 @@ def training_programs(command: str, config, model_config: Qwen2Config, mesh, dev
         arguments=(state["params"], state["opt_state"], state["params"]))
     update_cost = (update_plan.flops or 0.0, update_plan.bytes_accessed or 0.0)
     yield update_plan
-  yield measure("train_step", step.lower(state, batch), device, arguments=(state, batch), loop_scale=accum,
-                outside_loop=update_cost, scaled_loops=1 if accum > 1 else 0)
+  yield measure("train_step", built["train_step"], device, arguments=(state, batch), loop_scale=accum,
+                outside_loop=update_cost, scaled_loops=1 if accum > 1 else 0, cost=costs.get("train_step"))
 
-  eval_rows = trainer.eval_batch_size(config)
-  eval_row = {k: v[None] for k, v in row.items()}
-  eval_sh = input_pipeline.batch_shardings(eval_row, mesh, batch_axis=0)
-  eval_batch = {k: jax.ShapeDtypeStruct((eval_rows,) + v.shape, v.dtype, sharding=eval_sh[k]) for k, v in row.items()}
-  eval_step = trainer.make_eval_step(graphdef, task, param_sh, eval_sh, mesh)
   others = {k: v for k, v in state.items() if k != "params"}  # the optimizer state stays on device during eval
-  yield measure("eval_step", eval_step.lower(state["params"], eval_batch), device,
-                arguments=(state["params"], eval_batch), resident_bytes=per_device_bytes(others))
+  yield measure("eval_step", built["eval_step"], device, arguments=(state["params"], built["eval_batch"]),
+                resident_bytes=per_device_bytes(others), cost=costs.get("eval_step"))
 
+
+_NO_KV_LIMIT = 1 << 62
 
 # ---- serving --------------------------------------------------------------------------------------------------
 
@@ -202,38 +254,48 @@ class ServingShape:
   prefix_cache_bytes: int
 
 
+def _serving_lowered(model_config: Qwen2Config, mesh, shape: ServingShape):
+  """(engine, abstract params, abstract decode state, [(name, lowered)]) of the programs a serving plan measures:
+  per prefill bucket the batched prefill of the most prompts (the largest) and its insert, and the generate
+  step at the longest attend bucket."""
+  from retro_jax.engine.qwen2_engine import Qwen2Engine  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config, nnx.Rngs(0)))
+  # the plan measures what fits itself, so the engine is not asked to query the (absent) device's memory
+  engine = Qwen2Engine(model, max_concurrent_decodes=shape.max_concurrent_decodes, max_seq_len=shape.max_seq_len,
+                       decode_steps=shape.decode_steps, mesh=mesh, kv_memory_bytes=_NO_KV_LIMIT)
+  state = nnx.state(model)
+  params = _abstract(nnx.to_pure_dict(state),
+                     nnx.to_pure_dict(sharding.state_shardings(state, mesh, sharding.SERVE_RULES)))
+  # the decode state as `warmup` sees it (shapes and shardings; the engine has no public accessor for them)
+  decode_state = _abstract(jax.eval_shape(engine._init_state),  # pylint: disable=protected-access
+                           engine._state_sharding)  # pylint: disable=protected-access
+  prefill = engine.prefill_buckets if shape.all_buckets else engine.prefill_buckets[-1:]
+  largest = {f"{kind}[{engine.prefill_batch_size(t)}x{t}]" for t in prefill for kind in ("prefill", "insert")}
+  lowered = [(name, program) for name, program in engine.lowered_programs(
+      params, prefill_lengths=prefill, attend_lengths=[engine.attend_buckets[-1]])
+      # smaller prefills, and small programs (state init, sampling the first token, trims) are left out
+      if name in largest or name.startswith("generate")]
+  return engine, params, decode_state, lowered
+
+
 def serving_programs(model_config: Qwen2Config, mesh, device: Device, shape: ServingShape
                      ) -> tuple[list[ProgramPlan], dict[str, Any]]:
   """Plans of the engine's prefill buckets, inserts and generate step at the configured slots and length, and
   the serving figures: weights and KV-cache bytes per device, KV bytes per token, decode tokens/s at the
   roofline."""
-  from retro_jax.engine.qwen2_engine import Qwen2Engine  # pylint: disable=import-outside-toplevel
-  model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config, nnx.Rngs(0)))
-  engine = Qwen2Engine(model, max_concurrent_decodes=shape.max_concurrent_decodes, max_seq_len=shape.max_seq_len,
-                       decode_steps=shape.decode_steps, mesh=mesh)
-  state = nnx.state(model)
-  params = _abstract(nnx.to_pure_dict(state),
-                     nnx.to_pure_dict(sharding.state_shardings(state, mesh, sharding.SERVE_RULES)))
+  _, params, decode_state, lowered = _serving_lowered(model_config, mesh, shape)
+  costs = layer_costs(lambda cfg: iter(_serving_lowered(cfg, mesh, shape)[3]), model_config)
   weights = per_device_bytes(params)
-  # the decode state as `warmup` sees it (shapes and shardings; the engine has no public accessor for them)
-  decode_state = _abstract(jax.eval_shape(engine._init_state),  # pylint: disable=protected-access
-                           engine._state_sharding)  # pylint: disable=protected-access
   kv = per_device_bytes((decode_state.cache.keys, decode_state.cache.values))
   prefix_cache = shape.prefix_cache_bytes // mesh.shape["tensor"]  # its KV heads are split over tensor
-  prefill = engine.prefill_buckets if shape.all_buckets else engine.prefill_buckets[-1:]
   plans = []
-  # per prefill bucket, the batched prefill of the most prompts (the largest) and its insert
-  largest = {f"{kind}[{engine.prefill_batch_size(t)}x{t}]" for t in prefill for kind in ("prefill", "insert")}
-  for name, lowered in engine.lowered_programs(params, prefill_lengths=prefill,
-                                               attend_lengths=[engine.attend_buckets[-1]]):
-    if name not in largest and not name.startswith("generate"):
-      continue  # smaller prefills, and small programs (state init, sampling the first token, trims)
+  for name, program in lowered:
     if name.startswith("generate"):
-      plans.append(measure(name, lowered, device, arguments=(params, decode_state), resident_bytes=prefix_cache,
-                           loop_scale=shape.decode_steps, scaled_loops=1))
+      plans.append(measure(name, program, device, arguments=(params, decode_state), resident_bytes=prefix_cache,
+                           loop_scale=shape.decode_steps, scaled_loops=1, cost=costs.get(name)))
     else:  # the decode state and the prefix cache stay in memory while a prompt is prefilled and inserted
       resident = (kv + prefix_cache) if name.startswith("prefill") else prefix_cache
-      plans.append(measure(name, lowered, device, arguments=params, resident_bytes=resident))
+      plans.append(measure(name, program, device, arguments=params, resident_bytes=resident, cost=costs.get(name)))
   generate = plans[-1]
   kv_per_token = kv / (shape.max_concurrent_decodes * shape.max_seq_len)
   summary = {
