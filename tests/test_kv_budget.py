@@ -63,5 +63,6 @@ def test_generate_cli_exits_2_with_one_line(tmp_path, capsys):
                "--config.engine.max_concurrent_decodes=64", "--config.engine.kv_memory_bytes=1000000"])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1, err
-  assert err[0].startswith("retro-jax generate: 64 slots x 512 tokens need")  # 512: the model's positions and "raise the budget" in err[0]
+  # 512: the model's positions, what engine.max_seq_len 0 means
+  assert err[0].startswith("retro-jax generate: 64 slots x 512 tokens need") and "raise the budget" in err[0]
   assert not (tmp_path / "out.jsonl").exists()
