@@ -1,4 +1,5 @@
-"""The `retro-jax` dispatcher: help, unknown commands, and a missing stage reported instead of faked."""
+"""The `retro-jax` dispatcher: help, unknown commands, a missing stage reported instead of faked; CI runs the
+README's test command."""
 import sys
 
 import pytest
@@ -31,3 +32,14 @@ def test_a_real_import_error_inside_a_stage_is_not_hidden(monkeypatch, tmp_path)
   with pytest.raises(ModuleNotFoundError):
     cli.main(["broken"])
   sys.modules.pop("broken_stage", None)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+  # CI must run what a user is told to run: the README's test block is the last line of .ci/run
+  from tests.pod import REPO_ROOT  # pylint: disable=import-outside-toplevel
+  readme = (REPO_ROOT / "README.md").read_text()
+  block = readme.split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+  ci_lines = [line for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+  assert "python -m pytest tests" in block
+  assert ci_lines[-1] == block

@@ -16,6 +16,7 @@ from retro_jax import sharding
 from retro_jax.engine import Driver, GenerationRequest, Qwen2Engine, ResultTokens, text_generator_from_model
 from retro_jax.engine.qwen2_engine import bucket
 from retro_jax.models.config import Qwen2Config
+from retro_jax.models.kv_cache import write_rows
 from retro_jax.models.qwen2 import Qwen2ForCausalLM, forward
 
 ENGINE_KW = dict(max_seq_len=64, decode_steps=4, min_prefill_bucket=8, min_attend_bucket=16, max_prefill_batch=4)
@@ -87,6 +88,18 @@ def test_result_tokens_pack_round_trip():
   np.testing.assert_array_equal(slot.valid, [[0, 1, 1]])
   np.testing.assert_array_equal(slot.lengths, [5])
   np.testing.assert_array_equal(slot.logprobs, np.asarray(logprobs[1:]))
+
+
+def test_write_rows_matches_numpy_and_drops_slots_past_the_end():
+  rng = np.random.default_rng(0)
+  buffer = rng.normal(size=(3, 2, 6, 1, 2)).astype(np.float32)  # [L, b, S, k, h]
+  new = rng.normal(size=(2, 3, 1, 2)).astype(np.float32)  # [b, T, k, h]
+  starts = np.array([1, 4], np.int32)  # row 1's third token would land at slot 6 of 6
+  expected = buffer.copy()
+  expected[2, 0, 1:4] = new[0]
+  expected[2, 1, 4:6] = new[1, :2]  # dropped, not clamped back over slots 3..5
+  got = write_rows(jnp.asarray(buffer), jnp.int32(2), jnp.asarray(new), jnp.asarray(starts))
+  np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 def test_buckets_and_prefill_plan(engine):
