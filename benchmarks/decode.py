@@ -42,6 +42,7 @@ from flax import nnx
 
 from retro_jax.engine import Driver, GenerationRequest, Qwen2Engine, R1_SAMPLING
 from retro_jax.engine.qwen2_engine import bucket
+from retro_jax.jsonl import write_json
 from retro_jax.models.config import SHAPES as PUBLISHED_SHAPES
 from retro_jax.models.config import Qwen2Config
 from retro_jax.models.kv_cache import bytes_per_token
@@ -331,9 +332,7 @@ def main(argv=None) -> None:
                                                     for r in report["decode"] if r["batch"] >= 64 and on_gpu},
       prefill_reduction_ge_3=report["retro_search"]["prefill_reduction"])
   report["total_s"] = time.perf_counter() - started
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  write_json(args.out, report)
   print(f"wrote {args.out} in {report['total_s']:.0f} s")
 
 

@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from retro_jax import demo  # noqa: E402
 from retro_jax.engine.driver import Driver  # noqa: E402
+from retro_jax.jsonl import write_json  # noqa: E402
 from retro_jax.engine.qwen2_engine import Qwen2Engine  # noqa: E402
 from retro_jax.grading import Grader  # noqa: E402
 from retro_jax.models.config import Qwen2Config, shape_config  # noqa: E402
@@ -203,9 +204,7 @@ def main() -> None:
                    "thought_switches_min_max": [min(switches), max(switches)]},
       "runs": runs, "savings": savings, "checks": checks,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  write_json(args.out, result)
   print(f"{'reuse':>6} {'bound':>6} {'rec/s':>8} {'gen tok/rec':>12} {'prefill computed / prompt':>26} {'wall s':>8}")
   for r in runs:
     print(f"{r['prefix_reuse']!s:>6} {r['length_bounded_rollouts']!s:>6} {r['records_per_s']:8.3f} "

@@ -37,6 +37,7 @@ import numpy as np
 
 from retro_jax import sharding
 from retro_jax.demo import DEFAULT_MODEL
+from retro_jax.jsonl import write_json
 from retro_jax.models.config import SHAPES as PUBLISHED_SHAPES
 from retro_jax.models.config import Qwen2Config
 from retro_jax.train import config as config_lib
@@ -144,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result), flush=True)
     results.append(result)
   report = dict(environment(), benchmark="train_step", results=results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  write_json(args.out, report)
   print(f"wrote {args.out}")
   return 0
 

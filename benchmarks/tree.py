@@ -13,7 +13,6 @@ neither batching nor the prefix cache may change a node.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, REPO)
 from retro_jax.demo_treecot import tiny_tree_config  # noqa: E402
 from retro_jax.engine.serving import load_text_generator  # noqa: E402
 from retro_jax.grading import Grader  # noqa: E402
+from retro_jax.jsonl import write_json  # noqa: E402
 from retro_jax import jsonl  # noqa: E402
 from retro_jax.search import runner, tree_runner  # noqa: E402
 from retro_jax.search.tree_cli import tree_config  # noqa: E402
@@ -98,9 +98,7 @@ def main() -> None:
                    "tree": config.tree.to_dict()},
       "runs": runs, "speedup_many_over_one": many["trees_per_s"] / one["trees_per_s"], "checks": checks,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  write_json(args.out, result)
   print(f"{'run':<28} {'trees/s':>8} {'rollouts/s':>11} {'gen tok/s':>10} {'prefill computed':>18} {'wall s':>8}")
   for r in runs:
     print(f"{r['name']:<28} {r['trees_per_s']:8.3f} {r['rollouts_per_s']:11.2f} {r['generated_tokens_per_s']:10.1f} "

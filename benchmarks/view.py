@@ -152,9 +152,7 @@ def main() -> None:
                              "html_bytes": one.html_bytes,
                              "browser": [_browser_load(single, "")]}
   result["machine"]["load_average_at_end"] = os.getloadavg()  # other work on the machine slows every figure
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as file:
-    json.dump(result, file, indent=2)
+  jsonl.write_json(args.out, result)
   print(json.dumps(result, indent=2))
 
 

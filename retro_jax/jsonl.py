@@ -70,7 +70,8 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 
 def write_json(path: str, payload: Any) -> None:
-  """One JSON document (a summary), atomically."""
+  """One JSON document (a summary, a report), atomically, creating the folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(f"{path}.tmp", "w", encoding="utf-8") as file:
     json.dump(payload, file, indent=2)
     file.write("\n")

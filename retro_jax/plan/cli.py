@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ from typing import Sequence
 from absl import flags
 
 from retro_jax import config_cli
+from retro_jax.jsonl import write_json
 
 PROG = "retro-jax plan"
 EXIT_MISFIT = 1
@@ -262,9 +262,7 @@ def _run(argv: Sequence[str]) -> int:
   misfits = [p for p in plans if not p.fits]
   report["fits"] = not misfits
   if values.output:
-    os.makedirs(os.path.dirname(os.path.abspath(values.output)), exist_ok=True)
-    with open(values.output, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    write_json(values.output, report)
     print(f"[plan] wrote {values.output}")
   for p in misfits:
     print(f"{PROG}: {p.name} needs {_gb(p.total_bytes)} GB per device, {_gb(p.total_bytes - p.hbm_bytes)} GB over "
