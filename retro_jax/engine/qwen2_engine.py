@@ -220,27 +220,22 @@ class Qwen2Engine(Engine):
 
     def generate(params, state: DecodeState, attend_len: int):
       model = nnx.merge(graphdef, params)
-      full, whole = state.cache, attend_len == max_len
-      view = full if whole else KVCache(keys=full.keys[:, :, :attend_len], values=full.values[:, :, :attend_len],
-                                        lengths=full.lengths)
 
       def step(carry, _):
         cache, tokens, generated, active = carry
         # Free and finished slots still run (fixed shapes) but write nothing that counts: segment id 0 keeps
-        # their length, and their tokens come back marked invalid.
+        # their length, and their tokens come back marked invalid. Attention reads the first `attend_len` slots of
+        # the cache in place (no copy of that prefix).
         logits, cache = model(tokens[:, None], cache.lengths[:, None], segment_ids=active[:, None].astype(jnp.int32),
-                              kv_cache=cache)
+                              kv_cache=cache, attend_len=attend_len)
         new, logprobs = sampling_lib.sample(logits[:, 0], state.sampling, state.keys, generated)
         valid = active
         generated = generated + active
         active = active & ~is_eos(new) & (generated < state.budget)
         return (cache, jnp.where(valid, new, tokens), generated, active), (new, valid, logprobs)
 
-      carry = (view, state.tokens, state.generated, state.active)
-      (view, tokens, generated, active), (new, valid, logprobs) = jax.lax.scan(step, carry, length=steps)
-      write_back = lambda f, v: jax.lax.dynamic_update_slice(f, v, (0,) * f.ndim)
-      cache = view if whole else KVCache(keys=write_back(full.keys, view.keys),
-                                         values=write_back(full.values, view.values), lengths=view.lengths)
+      carry = (state.cache, state.tokens, state.generated, state.active)
+      (cache, tokens, generated, active), (new, valid, logprobs) = jax.lax.scan(step, carry, length=steps)
       result = ResultTokens.pack(new.T, valid.T, generated, logprobs.T)
       state = state.replace(cache=cache, tokens=tokens, generated=generated, active=active)
       return state, result

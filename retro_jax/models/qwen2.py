@@ -68,6 +68,8 @@ class LayerCache:
   # every row starts at 0 (a fresh prefill): the chunk attends to itself only, through the full-sequence path,
   # so a 32k-token prompt never builds [t, S] scores
   empty: bool = struct.field(pytree_node=False, default=False)
+  # attention reads cache slots [0, attend) only (0: all S); writes still go to the whole buffer
+  attend: int = struct.field(pytree_node=False, default=0)
 
 
 class Attention(nnx.Module):
@@ -103,8 +105,9 @@ class Attention(nnx.Module):
       if cache.empty:  # pure JAX: the chunk's rows are replicated over the mesh, no kernel shard_map fits them
         out = attention(q, k, v, segment_ids, implementation="blockwise")
       else:
-        out = dense_attention(q, keys[cache.layer].astype(cfg.jnp_dtype),
-                              values[cache.layer].astype(cfg.jnp_dtype), cache.mask)
+        seen = cache.attend or keys.shape[2]
+        out = dense_attention(q, keys[cache.layer, :, :seen].astype(cfg.jnp_dtype),
+                              values[cache.layer, :, :seen].astype(cfg.jnp_dtype), cache.mask)
     out = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(cfg.jnp_dtype))
     return out, cache
 
@@ -161,11 +164,13 @@ class Qwen2ForCausalLM(nnx.Module):
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                     kv_cache: KVCache | None = None, remat: str | None = None,
-                    empty_cache: bool = False) -> tuple[jax.Array, KVCache | None]:
+                    empty_cache: bool = False, attend_len: int = 0) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [b, t, d] (the trainer computes the loss from these in vocab chunks).
 
     `empty_cache` promises that every row of `kv_cache` is empty (lengths 0): the chunk then attends to itself
-    blockwise (attention.py) instead of densely over the cache.
+    blockwise (attention.py) instead of densely over the cache. `attend_len` (> 0) promises that no row that
+    counts reaches past cache slot `attend_len`: attention then reads and scores only those slots (the decode
+    loop's attend bucket), with no second buffer of that length.
 
     `remat` (default: the config's) names the policy applied to each layer of the scan: "full" keeps only each
     layer's input for the backward pass, "dots" also its matmul outputs.
@@ -191,8 +196,10 @@ class Qwen2ForCausalLM(nnx.Module):
       layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[remat], prevent_cse=False)
     cache = None
     if kv_cache is not None:
+      seen = min(attend_len, kv_cache.max_len) if attend_len > 0 else kv_cache.max_len
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
-                         mask=cache_mask(kv_cache.lengths, t, kv_cache.max_len), empty=empty_cache)
+                         mask=cache_mask(kv_cache.lengths, t, seen), empty=empty_cache,
+                         attend=seen if seen < kv_cache.max_len else 0)
     (x, cache), _ = jax.lax.scan(layer_step, (sharding.constrain(x, between_layers), cache), stacked,
                                  unroll=self.config.scan_unroll)
     x = self.final_norm(x)
@@ -215,9 +222,9 @@ class Qwen2ForCausalLM(nnx.Module):
     return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-               kv_cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               kv_cache: KVCache | None = None, attend_len: int = 0) -> tuple[jax.Array, KVCache | None]:
     """tokens, positions [b, t] int32 -> (logits [b, t, v] float32, updated cache or None)."""
-    hidden, kv_cache = self.hidden_states(tokens, positions, segment_ids, kv_cache)
+    hidden, kv_cache = self.hidden_states(tokens, positions, segment_ids, kv_cache, attend_len=attend_len)
     return self.logits(hidden), kv_cache
 
 
