@@ -17,6 +17,10 @@ SMALL_SFT = ["--config", "configs/tiny_reasoner_sft.py", "--topology", "v5e:2x2"
              "--config.data.seq_len=128", "--config.loss_chunk_size=128"]
 
 
+def _by_name(plan):
+  return {p["name"]: p for p in plan["programs"]}
+
+
 def _plan(argv, tmp_path, name="plan.json"):
   out = str(tmp_path / name)
   code = plan_main(argv + ["--output", out])
@@ -34,9 +38,15 @@ def test_sft_plan_bytes_match_the_train_state_by_hand(tmp_path, capsys):
   assert code == 0
   params = Qwen2Config.from_pretrained(TINY).replace(num_layers=1).num_params
   batch = 5 * 4 * (8 // 4) * 128
-  step, eval_ = plan["programs"]
-  assert step["name"] == "train_step" and eval_["name"] == "eval_step"
+  assert [p["name"] for p in plan["programs"]] == ["loss_and_grad", "train_step", "eval_step"]
+  micro, step, eval_ = plan["programs"]
   state = 3 * 4 * params
+  # one micro-batch (here the whole batch: no accumulation) reads the params and writes their gradients, with
+  # Adam's m and v resident, and does the step's work less the optimizer update
+  assert 4 * params + batch <= micro["argument_bytes"] <= 1.15 * (4 * params + batch)
+  assert 4 * params <= micro["output_bytes"] <= 1.15 * 4 * params
+  assert micro["resident_bytes"] == eval_["resident_bytes"]
+  assert 0.9 <= micro["flops"] / step["flops"] <= 1.0
   assert state + batch <= step["argument_bytes"] <= 1.15 * (state + batch)
   assert step["alias_bytes"] >= state  # the state is donated: updated in place
   assert step["total_bytes"] == (step["argument_bytes"] + step["output_bytes"] - step["alias_bytes"]
@@ -61,7 +71,7 @@ def test_flops_count_every_scanned_layer(tmp_path):
                       "--config.data.seq_len=128", "--config.loss_chunk_size=128", "--config.mesh.data=4",
                       "--config.mesh.fsdp=1", "--config.batch_size=8"], tmp_path)
   assert code == 0
-  step = plan["programs"][0]
+  step = _by_name(plan)["train_step"]
   assert 0.95 <= step["flops"] / plan["training"]["model_flops_per_step_per_device"] <= 1.15
   assert step["uncounted_loops"] == 0
 
@@ -71,8 +81,8 @@ def test_misfit_exits_nonzero_naming_the_program_and_the_fix(tmp_path, capsys):
   code, plan = _plan(["--config", "configs/tiny_reasoner_sft.py", "--topology", "v5e:2x2", "--shape", "qwen2.5-0.5b",
                       "--num_layers", "1", "--config.batch_size=256", "--config.data.seq_len=2048"], tmp_path)
   assert code == 1 and not plan["fits"]
-  step = plan["programs"][0]
-  assert step["name"] == "train_step" and step["total_bytes"] > 16e9 and not step["fits"]
+  step = _by_name(plan)["train_step"]
+  assert step["total_bytes"] > 16e9 and not step["fits"]
   err = capsys.readouterr().err
   assert "train_step needs" in err and "GB over the 16.00 GB" in err
   assert "--config.grad_accum_steps=64" in err and "--config.remat=full" in err

@@ -1,8 +1,8 @@
 """The programs a command runs, lowered from abstract inputs by the project's own builders, then compiled for a
 TPU topology and measured: per-device memory (XLA's buffer assignment) and FLOPs / bytes (XLA's cost model).
 
-- sft / dpo: `trainer.make_train_step` (loss + grad over the micro-batches, the optimizer update included) and
-  `trainer.make_eval_step`, with the Task of `sft.build_task` / `dpo.build_task` and the train state's
+- sft / dpo: `trainer.make_train_step` (loss + grad over the micro-batches, the optimizer update included), one
+  micro-batch's loss + grad alone (`optim.accumulate_gradients` on one micro-batch) and `trainer.make_eval_step`, with the Task of `sft.build_task` / `dpo.build_task` and the train state's
   shardings from `trainer.state_shardings`; no data is read and no weights exist.
 - generate / search / eval: `Qwen2Engine.lowered_programs`, the programs `warmup` compiles, over abstract
   params with the serving shardings.
@@ -182,7 +182,7 @@ def example_row(command: str, seq_len: int) -> dict[str, np.ndarray]:
 
 def _training_lowered(command: str, config, model_config: Qwen2Config, mesh) -> dict[str, Any]:
   """The train and eval steps of `model_config` lowered over abstract inputs, with what measuring them needs."""
-  from retro_jax.train import dpo, input_pipeline, sft, trainer  # pylint: disable=import-outside-toplevel
+  from retro_jax.train import dpo, input_pipeline, optim, sft, trainer  # pylint: disable=import-outside-toplevel
   s = trainer.Setup(config=config, mesh=mesh, tokenizer=None, model_config=model_config, base_dir="")
   task = (sft if command == "sft" else dpo).build_task(s, [], [], {})
   graphdef, params, param_sh = trainer.init_params(s, abstract=True)
@@ -202,22 +202,35 @@ def _training_lowered(command: str, config, model_config: Qwen2Config, mesh) -> 
            for k, v in row.items()}
   step = trainer.make_train_step(graphdef, task, tx, schedule, state_sh, batch_sh, mesh)
 
+  def loss_and_grad(params, micro):  # one pass of the step's accumulation loop, as make_train_step traces it
+    with sharding.use_rules(mesh, sharding.TRAIN_RULES):
+      return optim.accumulate_gradients(
+          lambda p, m: task.loss(nnx.merge(graphdef, p), m, task.totals(micro)), params, micro)
+  micro_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
+  micro_step = jax.jit(loss_and_grad, in_shardings=(param_sh, batch_sh), out_shardings=(param_sh, None))
+
   eval_rows = trainer.eval_batch_size(config)
   eval_row = {k: v[None] for k, v in row.items()}
   eval_sh = input_pipeline.batch_shardings(eval_row, mesh, batch_axis=0)
   eval_batch = {k: jax.ShapeDtypeStruct((eval_rows,) + v.shape, v.dtype, sharding=eval_sh[k]) for k, v in row.items()}
   eval_step = trainer.make_eval_step(graphdef, task, param_sh, eval_sh, mesh)
-  return {"tx": tx, "state": state, "batch": batch, "eval_batch": eval_batch,
+  return {"tx": tx, "state": state, "batch": batch, "eval_batch": eval_batch, "micro_batch": micro_batch,
+          "loss_and_grad": micro_step.lower(state["params"], micro_batch),
           "train_step": step.lower(state, batch), "eval_step": eval_step.lower(state["params"], eval_batch)}
 
 
 def training_programs(command: str, config, model_config: Qwen2Config, mesh, device: Device
                       ) -> Iterator[ProgramPlan]:
-  """Plans of the train step (optimizer update included) and the eval step of an SFT or DPO config."""
+  """Plans of one micro-batch's loss + grad (what the step's accumulation loop runs; the Adam moments stay
+  resident meanwhile), the optimizer update alone (with accumulation), the train step (accumulation and update)
+  and the eval step of an SFT or DPO config."""
   built = _training_lowered(command, config, model_config, mesh)
   state, batch, accum = built["state"], built["batch"], config.grad_accum_steps
   costs = layer_costs(lambda cfg: ((name, _training_lowered(command, config, cfg, mesh)[name])
-                                   for name in ("train_step", "eval_step")), model_config)
+                                   for name in ("loss_and_grad", "train_step", "eval_step")), model_config)
+  others = {k: v for k, v in state.items() if k != "params"}  # the optimizer state stays on device
+  yield measure("loss_and_grad", built["loss_and_grad"], device, arguments=(state["params"], built["micro_batch"]),
+                resident_bytes=per_device_bytes(others), cost=costs.get("loss_and_grad"))
 
   update_cost = (0.0, 0.0)
   if accum > 1:  # the update alone: the part of the step outside the accumulation loop
@@ -234,7 +247,6 @@ def training_programs(command: str, config, model_config: Qwen2Config, mesh, dev
   yield measure("train_step", built["train_step"], device, arguments=(state, batch), loop_scale=accum,
                 outside_loop=update_cost, scaled_loops=1 if accum > 1 else 0, cost=costs.get("train_step"))
 
-  others = {k: v for k, v in state.items() if k != "params"}  # the optimizer state stays on device during eval
   yield measure("eval_step", built["eval_step"], device, arguments=(state["params"], built["eval_batch"]),
                 resident_bytes=per_device_bytes(others), cost=costs.get("eval_step"))
 
