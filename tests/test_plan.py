@@ -77,15 +77,17 @@ def test_flops_count_every_scanned_layer(tmp_path):
 
 
 def test_misfit_exits_nonzero_naming_the_program_and_the_fix(tmp_path, capsys):
-  # a 0.5B-shape vocabulary, 64 rows of 2048 per device in one micro-batch: the logits chunks overflow 16 GB
+  # a 0.5B-shape vocabulary, 64 rows of 2048 per device in one micro-batch: the logits chunks overflow 16 GB.
+  # Two layers, so the shallow compiles that cost the layers' scan are refused for HBM too (and must not crash)
   code, plan = _plan(["--config", "configs/tiny_reasoner_sft.py", "--topology", "v5e:2x2", "--shape", "qwen2.5-0.5b",
-                      "--num_layers", "1", "--config.batch_size=256", "--config.data.seq_len=2048"], tmp_path)
+                      "--num_layers", "2", "--config.batch_size=256", "--config.data.seq_len=2048"], tmp_path)
   assert code == 1 and not plan["fits"]
   step = _by_name(plan)["train_step"]
   assert step["total_bytes"] > 16e9 and not step["fits"]
   err = capsys.readouterr().err
   assert "train_step needs" in err and "GB over the 16.00 GB" in err
   assert "--config.grad_accum_steps=64" in err and "--config.remat=full" in err
+  assert "loss_and_grad needs" in err and err.count("--config.grad_accum_steps=64") == 2  # the micro-batch, too
 
 
 def test_generate_plan_reports_kv_bytes_and_decode_roofline(tmp_path):

@@ -159,7 +159,7 @@ def shrink_advice(command: str, config, plan, mesh, max_seq_len: int = 0) -> lis
     advice = []
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = config.batch_size // config.grad_accum_steps
-    if plan.name == "train_step" and micro > shards:
+    if plan.name in ("train_step", "loss_and_grad") and micro > shards:
       advice.append(f"--config.grad_accum_steps={config.batch_size // shards} (one row per data x fsdp shard "
                     f"per micro-batch; now {micro // shards})")
     if plan.name == "eval_step" and trainer.eval_batch_size(config) > shards:

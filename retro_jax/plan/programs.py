@@ -137,15 +137,30 @@ def layer_costs(lowered_programs: Callable[[Qwen2Config], Iterator[tuple[str, An
   layers = model_config.num_layers
   if layers == 1:
     return {}
-  one = {name: _cost(lowered.compile()) for name, lowered in lowered_programs(model_config.replace(num_layers=1))}
-  two = {}
+  one, two = {}, {}
+  for name, lowered in lowered_programs(model_config.replace(num_layers=1)):
+    compiled = _compile_unless_over_hbm(lowered)
+    if compiled is not None:
+      one[name] = _cost(compiled)
   for name, lowered in lowered_programs(model_config.replace(num_layers=2, scan_unroll=2)):
-    compiled = lowered.compile()
-    two[name] = (*_cost(compiled), _loops(compiled))
+    compiled = _compile_unless_over_hbm(lowered)
+    if compiled is not None:
+      two[name] = (*_cost(compiled), _loops(compiled))
   return {name: LayerCost(flops=one[name][0] + (layers - 1) * (two[name][0] - one[name][0]),
                           bytes_accessed=one[name][1] + (layers - 1) * (two[name][1] - one[name][1]),
                           loops=two[name][2])
           for name in one.keys() & two.keys()}
+
+
+def _compile_unless_over_hbm(lowered):
+  """The compiled program, or None when the TPU compiler refuses it for HBM (a misfit even when shallow: the
+  full program is refused too, and `measure` reports it without cost figures)."""
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if _over_hbm(str(e)) is None:
+      raise
+    return None
 
 
 def _over_hbm(message: str) -> int | None:
