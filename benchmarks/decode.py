@@ -159,7 +159,8 @@ def _bench_batch(name: str, config: Qwen2Config, model, hf, batch: int, args, bw
   """One (model, batch) row; a function so its engine and decode state are freed before the next batch."""
   rng = np.random.default_rng(batch)
   prompts = [tuple(rng.integers(0, config.vocab_size, args.prompt_len).tolist()) for _ in range(batch)]
-  engine = Qwen2Engine(model, max_concurrent_decodes=batch, max_seq_len=_pow2(args.prompt_len + args.new_tokens),
+  engine = Qwen2Engine(model, max_concurrent_decodes=batch,
+                       max_seq_len=args.max_seq_len or _pow2(args.prompt_len + args.new_tokens),
                        eos_token_ids=(), **_engine_options(args))
   driver = Driver(engine, _NullTokenizer(), prefix_cache_bytes=0, progress=False)
   tic = time.perf_counter()
@@ -298,6 +299,9 @@ def main(argv=None) -> None:
   parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
   parser.add_argument("--prompt-len", type=int, default=128 if on_gpu else 32)
   parser.add_argument("--new-tokens", type=int, default=128 if on_gpu else 32)
+  parser.add_argument("--max-seq-len", type=int, default=0,
+                      help="cache positions per slot (0: prompt + new tokens, rounded up to a power of two; "
+                      "search and generate reserve the model's positions)")
   parser.add_argument("--decode-steps", type=int, default=16)
   parser.add_argument("--max-prefill-batch", type=int, default=64 if on_gpu else 8)
   parser.add_argument("--max-prefill-tokens", type=int, default=16384 if on_gpu else 4096)

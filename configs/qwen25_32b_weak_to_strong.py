@@ -10,16 +10,13 @@ Mesh data=1 x fsdp=32 x tensor=4 = 128 chips:
 - tensor=4 divides the 8 KV heads and 40 query heads and stays inside one host; the batch is split over
   fsdp = 32 = hosts, so each host feeds one distinct row per micro-batch (tensor=8 would span two hosts that
   would then have to feed identical rows);
-- memory per chip, measured with 4 of the 64 layers (AOT compile for v5p:4x4x8 on a CPU machine, libtpu
-  0.0.42.1, the qwen2.5-32b shape; benchmarks/results/plan_qwen25_32b_weak_to_strong_4_layers.json):
+- memory per chip, measured at full depth (AOT compile for v5p:4x4x8 on a 2-core CPU machine in 135 s, libtpu
+  0.0.42.1, the qwen2.5-32b shape; benchmarks/results/plan_qwen25_32b_weak_to_strong.json):
 
-      retro-jax plan --config configs/qwen25_32b_weak_to_strong.py --num_layers 4
+      retro-jax plan --config configs/qwen25_32b_weak_to_strong.py
 
-  train step 26.7 GB of 95, nearly all of it temporaries of one 16k row with dense attention (one layer's
-  scores are 10 local heads x 16384^2 x 4 B = 10.7 GB); eval step 12.3 GB. The full 64 layers add the rest of
-  the float32 train state (32.8B params x 12 B / 128 chips = 3.1 GB) and 60 more saved layer inputs (2 B x
-  16384 x 5120 = 0.17 GB each, 10 GB): not yet planned at full depth (the 4-layer plan took 162 s of CPU);
-  run `retro-jax plan --config configs/qwen25_32b_weak_to_strong.py` before renting the pod.
+  train step 14.8 GB of 95 (3.1 GB of float32 params + Adam moments, 11.7 GB of temporaries: one 16k row per
+  chip with full remat and splash attention, the gradient accumulator, the update); eval step 5.0 GB.
 Batch: 128 rows x 16384 positions = 2.1M tokens per optimizer step, as 4 micro-batches of 32 rows (one per
 fsdp shard). Model FLOPs at 16k: 224 GFLOP per token, ~4.7e17 FLOP per step: ~20 s at 40% MFU. 114k traces
 of ~6-8k tokens pack into roughly 50k rows, ~400 steps per epoch.

@@ -13,17 +13,16 @@ Mesh data=1 x fsdp=4 x tensor=4 = 16 chips:
 
       retro-jax plan --config configs/r1_distill_7b_self_improve.py
 
-  train step 30.9 GB of 95 (5.7 GB of float32 params + Adam moments, 25.2 GB of temporaries: one 16k row per
-  chip with full remat and dense attention, the float32 gradient accumulator, the update); eval step 14.2 GB
+  train step 16.3 GB of 95 (5.7 GB of float32 params + Adam moments, 10.6 GB of temporaries: one 16k row per
+  chip with full remat and splash attention, the float32 gradient accumulator, the update); eval step 7.8 GB
   (with the optimizer state still resident).
 Batch: 64 rows x 16384 positions = 1.05M tokens per optimizer step, as 16 micro-batches of 4 rows (one row
 per fsdp shard). Model FLOPs at 16k: 52 GFLOP per token; at 40% MFU a step takes 18.7 s (56k tokens/s). The
-roofline of the compiled step (XLA's 5.0 PFLOP and 48.7 TB moved per chip) is 17.6 s.
+roofline of the compiled step (XLA's 3.2 PFLOP and 9.9 TB moved per chip, every layer counted) is 7.0 s.
 The search that revises the traces runs this model on one v5p host per engine replica (4 chips, tensor 4);
 with the search defaults (64 slots x 32,768 tokens) in bfloat16 it plans (benchmarks/results/
 plan_r1_distill_7b_search.json) at 3.8 GB of weights and 30.1 GB of KV cache per chip; the generate step peaks
-at 94.3 GB of 95 (its temporaries hold two more copies of the cache), so lower the slots or the length before
-adding anything; the 32k prefill needs 66.8 GB (dense attention scores):
+at 34.2 GB of 95 and the 32k prefill at 36.2 GB (with the decode state resident):
 
     retro-jax plan --command search --model /mnt/disks/models/DeepSeek-R1-Distill-Qwen-7B --topology v5p:2x2x1 \
         --config.engine.dtype=bfloat16
