@@ -44,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from retro_jax import demo  # noqa: E402
 from retro_jax.engine.driver import Driver  # noqa: E402
-from retro_jax.jsonl import write_json  # noqa: E402
 from retro_jax.engine.qwen2_engine import Qwen2Engine  # noqa: E402
 from retro_jax.grading import Grader  # noqa: E402
+from retro_jax.jsonl import write_json  # noqa: E402
 from retro_jax.models.config import Qwen2Config, shape_config  # noqa: E402
 from retro_jax.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
 from retro_jax.search import runner, traces  # noqa: E402

@@ -27,7 +27,6 @@ sys.path.insert(0, REPO)
 from retro_jax.demo_treecot import tiny_tree_config  # noqa: E402
 from retro_jax.engine.serving import load_text_generator  # noqa: E402
 from retro_jax.grading import Grader  # noqa: E402
-from retro_jax.jsonl import write_json  # noqa: E402
 from retro_jax import jsonl  # noqa: E402
 from retro_jax.search import runner, tree_runner  # noqa: E402
 from retro_jax.search.tree_cli import tree_config  # noqa: E402
@@ -98,7 +97,7 @@ def main() -> None:
                    "tree": config.tree.to_dict()},
       "runs": runs, "speedup_many_over_one": many["trees_per_s"] / one["trees_per_s"], "checks": checks,
   }
-  write_json(args.out, result)
+  jsonl.write_json(args.out, result)
   print(f"{'run':<28} {'trees/s':>8} {'rollouts/s':>11} {'gen tok/s':>10} {'prefill computed':>18} {'wall s':>8}")
   for r in runs:
     print(f"{r['name']:<28} {r['trees_per_s']:8.3f} {r['rollouts_per_s']:11.2f} {r['generated_tokens_per_s']:10.1f} "

@@ -64,12 +64,12 @@ class LayerCache:
   values: jax.Array  # [L, b, S, k, h]
   layer: jax.Array  # [] int32
   starts: jax.Array  # [b] int32
-  mask: jax.Array  # [b, t, S] bool
+  mask: jax.Array  # [b, t, attend] bool
+  # attention reads cache slots [0, attend) only (S: all of them); writes still go to the whole buffer
+  attend: int = struct.field(pytree_node=False)
   # every row starts at 0 (a fresh prefill): the chunk attends to itself only, through the full-sequence path,
   # so a 32k-token prompt never builds [t, S] scores
   empty: bool = struct.field(pytree_node=False, default=False)
-  # attention reads cache slots [0, attend) only (0: all S); writes still go to the whole buffer
-  attend: int = struct.field(pytree_node=False, default=0)
 
 
 class Attention(nnx.Module):
@@ -105,9 +105,8 @@ class Attention(nnx.Module):
       if cache.empty:  # pure JAX: the chunk's rows are replicated over the mesh, no kernel shard_map fits them
         out = attention(q, k, v, segment_ids, implementation="blockwise")
       else:
-        seen = cache.attend or keys.shape[2]
-        out = dense_attention(q, keys[cache.layer, :, :seen].astype(cfg.jnp_dtype),
-                              values[cache.layer, :, :seen].astype(cfg.jnp_dtype), cache.mask)
+        out = dense_attention(q, keys[cache.layer, :, :cache.attend].astype(cfg.jnp_dtype),
+                              values[cache.layer, :, :cache.attend].astype(cfg.jnp_dtype), cache.mask)
     out = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(cfg.jnp_dtype))
     return out, cache
 
@@ -198,8 +197,7 @@ class Qwen2ForCausalLM(nnx.Module):
     if kv_cache is not None:
       seen = min(attend_len, kv_cache.max_len) if attend_len > 0 else kv_cache.max_len
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
-                         mask=cache_mask(kv_cache.lengths, t, seen), empty=empty_cache,
-                         attend=seen if seen < kv_cache.max_len else 0)
+                         mask=cache_mask(kv_cache.lengths, t, seen), attend=seen, empty=empty_cache)
     (x, cache), _ = jax.lax.scan(layer_step, (sharding.constrain(x, between_layers), cache), stacked,
                                  unroll=self.config.scan_unroll)
     x = self.final_norm(x)

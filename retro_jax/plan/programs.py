@@ -2,8 +2,9 @@
 TPU topology and measured: per-device memory (XLA's buffer assignment) and FLOPs / bytes (XLA's cost model).
 
 - sft / dpo: `trainer.make_train_step` (loss + grad over the micro-batches, the optimizer update included), one
-  micro-batch's loss + grad alone (`optim.accumulate_gradients` on one micro-batch) and `trainer.make_eval_step`, with the Task of `sft.build_task` / `dpo.build_task` and the train state's
-  shardings from `trainer.state_shardings`; no data is read and no weights exist.
+  micro-batch's loss + grad alone (`optim.accumulate_gradients` on one micro-batch) and `trainer.make_eval_step`,
+  with the Task of `sft.build_task` / `dpo.build_task` and the train state's shardings from
+  `trainer.state_shardings`; no data is read and no weights exist.
 - generate / search / eval: `Qwen2Engine.lowered_programs`, the programs `warmup` compiles, over abstract
   params with the serving shardings.
 
@@ -91,12 +92,8 @@ def measure(name: str, lowered, device: Device, *, arguments: Any = (), resident
   multiplied: cost = outside + n x (xla - outside). `arguments` (the abstract inputs, with shardings) give the
   argument bytes when the compiler refuses a program that cannot fit."""
   start = time.perf_counter()
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    over = _over_hbm(str(e))
-    if over is None:
-      raise
+  compiled, over = _compile_unless_over_hbm(lowered)
+  if compiled is None:
     return _refused(name, arguments, device, over, resident_bytes, time.perf_counter() - start)
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -137,30 +134,33 @@ def layer_costs(lowered_programs: Callable[[Qwen2Config], Iterator[tuple[str, An
   layers = model_config.num_layers
   if layers == 1:
     return {}
-  one, two = {}, {}
-  for name, lowered in lowered_programs(model_config.replace(num_layers=1)):
-    compiled = _compile_unless_over_hbm(lowered)
-    if compiled is not None:
-      one[name] = _cost(compiled)
-  for name, lowered in lowered_programs(model_config.replace(num_layers=2, scan_unroll=2)):
-    compiled = _compile_unless_over_hbm(lowered)
-    if compiled is not None:
-      two[name] = (*_cost(compiled), _loops(compiled))
+
+  def costs(cfg: Qwen2Config) -> dict[str, tuple[float, float, int]]:
+    """(flops, bytes accessed, while loops) per program that compiles (a shallow misfit has none)."""
+    out = {}
+    for name, lowered in lowered_programs(cfg):
+      compiled, _ = _compile_unless_over_hbm(lowered)
+      if compiled is not None:
+        out[name] = (*_cost(compiled), _loops(compiled))
+    return out
+
+  one, two = costs(model_config.replace(num_layers=1)), costs(model_config.replace(num_layers=2, scan_unroll=2))
   return {name: LayerCost(flops=one[name][0] + (layers - 1) * (two[name][0] - one[name][0]),
                           bytes_accessed=one[name][1] + (layers - 1) * (two[name][1] - one[name][1]),
                           loops=two[name][2])
           for name in one.keys() & two.keys()}
 
 
-def _compile_unless_over_hbm(lowered):
-  """The compiled program, or None when the TPU compiler refuses it for HBM (a misfit even when shallow: the
-  full program is refused too, and `measure` reports it without cost figures)."""
+def _compile_unless_over_hbm(lowered) -> tuple[Any, int | None]:
+  """(the compiled program, None), or (None, its temp bytes) when the TPU compiler refuses it for HBM. Other
+  compile errors are bugs and propagate."""
   try:
-    return lowered.compile()
+    return lowered.compile(), None
   except jax.errors.JaxRuntimeError as e:
-    if _over_hbm(str(e)) is None:
+    over = _over_hbm(str(e))
+    if over is None:
       raise
-    return None
+    return None, over
 
 
 def _over_hbm(message: str) -> int | None:
