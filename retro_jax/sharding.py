@@ -41,8 +41,9 @@ class ShardingRules:
 
 # Activations get their own names ("act_*"): under FSDP a weight's embed dim is split over "fsdp" while an
 # activation's embed dim must not be (its batch already is), the distinction MaxText draws the same way.
-_COMMON = {"batch": ("data", "fsdp"), "seq": None, "cache_seq": None, "head_dim": None, "norm": None,
-           "act_embed": None, "act_mlp": "tensor", "act_vocab": "tensor"}
+# "kv_pages": the page axis of a paged KV pool, split like the decode slots (each replica allocates its own pages).
+_COMMON = {"batch": ("data", "fsdp"), "kv_pages": ("data", "fsdp"), "seq": None, "cache_seq": None, "head_dim": None,
+           "norm": None, "act_embed": None, "act_mlp": "tensor", "act_vocab": "tensor"}
 # "layer_seq": the sequence axis of the residual stream between scanned layers, which full remat keeps for every
 # layer; training splits it over "tensor" (sequence parallelism at layer boundaries, Korthikanti et al. 2022), so
 # those saved inputs take 1/tensor of the memory, and a layer gathers its input once.

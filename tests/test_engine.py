@@ -19,7 +19,10 @@ from retro_jax.models.config import Qwen2Config
 from retro_jax.models.kv_cache import write_rows
 from retro_jax.models.qwen2 import Qwen2ForCausalLM, forward
 
-ENGINE_KW = dict(max_seq_len=64, decode_steps=4, min_prefill_bucket=8, min_attend_bucket=16, max_prefill_batch=4)
+# dense rows (kv_page_size=0) for the engine-level tests that index the cache by slot; paged pools are checked in
+# test_prefill_then_decode_matches_full_forward, the sharded test and tests/test_engine_driver.py
+ENGINE_KW = dict(max_seq_len=64, kv_page_size=0, decode_steps=4, min_prefill_bucket=8, min_attend_bucket=16,
+                 max_prefill_batch=4)
 CONFIG = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, rope_theta=10000.0)
 
@@ -156,7 +159,14 @@ def test_greedy_matches_transformers_through_load_text_generator(tmp_path):
     assert sample.text == generator.tokenizer.decode(sample.tokens) == "".join(chr(t + 31) for t in expected)
 
 
-def test_prefill_then_decode_matches_full_forward(model, engine):
+@pytest.fixture(scope="module")
+def paged_engine(model):
+  return Qwen2Engine(model, max_concurrent_decodes=8, eos_token_ids=(), **{**ENGINE_KW, "kv_page_size": 8})
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_prefill_then_decode_matches_full_forward(model, engine, paged_engine, paged):
+  engine = paged_engine if paged else engine
   params = engine.load_params()
   prompt = random_prompts([11], 96, seed=1)[0]
   padded = np.zeros(16, np.int32)
@@ -164,10 +174,17 @@ def test_prefill_then_decode_matches_full_forward(model, engine):
   request = GenerationRequest(prompt_tokens=prompt, max_new_tokens=13)
   prefix, first = engine.prefill(params=params, padded_tokens=padded, true_length=11, request=request)
   first = first.convert_to_numpy().get_result_at_slot(0)
-  state = engine.insert(prefix, engine.init_decode_state(), 2)
+  table = None
+  if paged:  # pages out of order and scattered over the pool: positions 0-7 in page 9, 8-15 in page 2, ...
+    pages = [9, 2, 30]
+    state = engine.insert(prefix, engine.init_decode_state(), 2, pages=pages[:2])
+    table = np.full((8, engine.pages_per_slot), engine.pages_per_shard, np.int32)
+    table[2] = engine.table_row(2, pages)
+  else:
+    state = engine.insert(prefix, engine.init_decode_state(), 2)
   tokens, logprobs = [int(first.tokens[0, 0])], [float(first.logprobs[0, 0])]
   for _ in range(3):
-    state, result = engine.generate(params, state, attend_len=32)
+    state, result = engine.generate(params, state, attend_len=32, page_table=table)
     slot = result.convert_to_numpy().get_result_at_slot(2)
     assert slot.valid.all()
     tokens += slot.tokens[0].tolist()
@@ -176,7 +193,7 @@ def test_prefill_then_decode_matches_full_forward(model, engine):
   expected_tokens, expected_logprobs = reference_greedy(model, prompt, 13)
   assert tokens == expected_tokens
   np.testing.assert_allclose(logprobs, expected_logprobs, atol=1e-4)
-  _, result = engine.generate(params, state)  # the budget of 13 is spent: the slot stops on the device
+  _, result = engine.generate(params, state, page_table=table)  # the budget of 13 is spent: the slot stops
   assert not result.convert_to_numpy().get_result_at_slot(2).valid.any()
 
 
@@ -239,8 +256,8 @@ def test_slot_isolation(engine):
   assert valid_third.all() and not valid_free.any()
 
 
-@pytest.mark.parametrize("data,tensor", [(4, 2), (8, 1)])
-def test_sharded_greedy_equals_single_device(model, engine, data, tensor):
+@pytest.mark.parametrize("data,tensor,page", [(4, 2, 0), (8, 1, 0), (4, 2, 8)])
+def test_sharded_greedy_equals_single_device(model, engine, data, tensor, page):
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 (fake) devices")
   prompts = random_prompts([4, 15, 9, 2, 13, 6, 11, 3, 8, 16], 96, seed=3)  # more prompts than slots
@@ -248,7 +265,10 @@ def test_sharded_greedy_equals_single_device(model, engine, data, tensor):
   tokens = lambda generator: [r.samples[0].tokens for r in generator.generate(requests)]
   sharded = text_generator_from_model(model, StubTokenizer(), max_concurrent_decodes=8, progress=False,
                                       mesh=sharding.make_mesh(data=data, tensor=tensor), eos_token_ids=(),
-                                      **ENGINE_KW)
+                                      **{**ENGINE_KW, "kv_page_size": page})
   assert tokens(sharded) == tokens(Driver(engine, StubTokenizer(), progress=False))
-  keys = sharded.engine.init_decode_state().cache.keys  # [layers, slots, ...]: slots over data, KV heads over tensor
-  assert keys.sharding.shard_shape(keys.shape)[1:] == (8 // data, 64, 2 // tensor, 16)
+  keys = sharded.engine.init_decode_state().cache.keys
+  if page:  # [layers, kv heads, pages, page, head dim]: pages split like the slots, KV heads over tensor
+    assert keys.sharding.shard_shape(keys.shape) == (2, 2 // tensor, keys.shape[2] // data, 8, 16)
+  else:  # [layers, slots, ...]: slots over data, KV heads over tensor
+    assert keys.sharding.shard_shape(keys.shape)[1:] == (8 // data, 64, 2 // tensor, 16)

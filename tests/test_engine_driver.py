@@ -15,7 +15,7 @@ from retro_jax.models.config import Qwen2Config
 from tests.test_engine import sharp_model
 
 VOCAB = 96
-ENGINE_KW = dict(max_seq_len=64, decode_steps=4, min_prefill_bucket=8, min_attend_bucket=16, max_prefill_batch=4)
+ENGINE_KW = dict(max_seq_len=64, kv_page_size=8, decode_steps=4, min_prefill_bucket=8, min_attend_bucket=16, max_prefill_batch=4)
 CONFIG = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, rope_theta=10000.0)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
@@ -75,7 +75,7 @@ def test_prefix_reuse_gives_identical_outputs_and_computes_less(engine):
     assert a.samples[0].tokens == b.samples[0].tokens
     np.testing.assert_allclose(a.samples[0].logprobs, b.samples[0].logprobs, atol=1e-5)
   assert [r.prompt_tokens_computed for r in fresh] == cuts
-  assert [r.prompt_tokens_computed for r in reused] == [12, 8, 7, 8, 9, 1]
+  assert [r.prompt_tokens_computed for r in reused] == [12, 12, 11, 11, 12, 1]
 
 
 def test_banned_tokens_are_never_emitted_where_banned(engine):

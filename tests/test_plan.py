@@ -117,7 +117,8 @@ def test_generate_updates_the_kv_cache_in_place():
                     param_dtype="bfloat16")
   mesh = sharding.make_mesh(1, 1, 4, devices=chips.devices("v5e:2x2"))
   model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, nnx.Rngs(0)))
-  engine = Qwen2Engine(model, max_concurrent_decodes=16, max_seq_len=4096, mesh=mesh, kv_memory_bytes=1 << 40)
+  engine = Qwen2Engine(model, max_concurrent_decodes=16, max_seq_len=4096, mesh=mesh, kv_memory_bytes=1 << 40,
+                       kv_page_size=0)
   state = nnx.state(model)
   shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, sharding.SERVE_RULES))
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state),

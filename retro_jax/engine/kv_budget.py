@@ -12,6 +12,12 @@ per device (slots are split over data x fsdp, KV heads over tensor). Device memo
 weights already sit in it, and the host is shared with whatever else runs there).
 Then `max_concurrent_decodes=0` ("auto") takes as many slots as the budget holds (at most `MAX_AUTO_SLOTS`),
 and explicit slots that do not fit stop with one line that says what to lower.
+
+With a paged pool (`kv_page_size` > 0, the default) the budget becomes pages, not rows: slots take pages as their
+tokens arrive, so slots x max_seq_len may exceed the budget. What must fit is one sequence of max_seq_len per
+shard (else a long request could never run); "auto" assumes a slot holds `PAGED_AUTO_FILL` of max_seq_len on
+average (traces stop well short of their limit) and the driver makes requests wait, or preempts and later
+recomputes one, when the pool runs out.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from retro_jax.models.kv_cache import bytes_per_token
 from retro_jax.user_errors import UserError
 
 MAX_AUTO_SLOTS = 64  # the search's default concurrency; more rarely helps a single replica
+PAGED_AUTO_FILL = 0.25  # auto slots of a paged pool: the pool's tokens / (this x max_seq_len)
 DEFAULT_KV_MEMORY_FRACTION = 0.5  # of the memory left after the weights: prefill buffers, logits, the prefix
                                   # cache and XLA's temporaries live in the rest
 
@@ -88,11 +95,40 @@ class KVBudget:
     per_shard = self.budget_bytes // (max_seq_len * self.bytes_per_position)
     return min(MAX_AUTO_SLOTS, per_shard * self.slot_shards) // self.slot_shards * self.slot_shards
 
-  def describe(self, slots: int, max_seq_len: int) -> str:
+  def pages_that_fit(self, page_size: int) -> int:
+    """Pages of `page_size` positions the budget holds per shard of the slots."""
+    return self.budget_bytes // (page_size * self.bytes_per_position)
+
+  def paged_slots_that_fit(self, max_seq_len: int, page_size: int) -> int:
+    """Auto slots of a paged pool (see the module docstring), a multiple of slot_shards, at least one per shard."""
+    tokens = self.pages_that_fit(page_size) * page_size
+    per_shard = max(1, int(tokens // (PAGED_AUTO_FILL * max_seq_len)))
+    return max(1, min(MAX_AUTO_SLOTS, per_shard * self.slot_shards) // self.slot_shards) * self.slot_shards
+
+  def pool_pages(self, slots: int, max_seq_len: int, page_size: int) -> int:
+    """Pages per shard of a paged pool: what the budget holds, but never more than dense rows would reserve."""
+    per_slot = -(-max_seq_len // page_size)
+    return min(self.pages_that_fit(page_size), -(-slots // self.slot_shards) * per_slot)
+
+  def describe(self, slots: int, max_seq_len: int, page_size: int = 0) -> str:
     """One line for the start-up log: what the KV takes of the budget."""
     need = -(-slots // self.slot_shards) * max_seq_len * self.bytes_per_position
+    if page_size:
+      pages = self.pool_pages(slots, max_seq_len, page_size)
+      return (f"KV cache: a pool of {pages:,} pages x {page_size} tokens = "
+              f"{_gb(pages * page_size * self.bytes_per_position)} per device of a {_gb(self.budget_bytes)} budget "
+              f"({self.source}), shared by {slots} slots of up to {max_seq_len:,} tokens (dense rows: {_gb(need)})")
     return (f"KV cache: {slots} slots x {max_seq_len:,} tokens = {_gb(need)} per device of a {_gb(self.budget_bytes)} "
             f"budget ({self.source})")
+
+  def check_pool(self, max_seq_len: int, page_size: int) -> None:
+    """A paged pool must hold one max_seq_len sequence per shard, or a long request could never run."""
+    need = -(-max_seq_len // page_size) * page_size * self.bytes_per_position
+    if need > self.budget_bytes:
+      raise KVBudgetError(
+          f"one sequence of {max_seq_len:,} tokens needs {_gb(need)} of KV per device; the budget is "
+          f"{_gb(self.budget_bytes)} ({self.source}): lower engine.max_seq_len, or raise the budget "
+          f"(engine.kv_memory_fraction or engine.kv_memory_bytes)")
 
   def check(self, slots: int, max_seq_len: int) -> None:
     need = -(-slots // self.slot_shards) * max_seq_len * self.bytes_per_position
@@ -121,11 +157,16 @@ def kv_budget(config: Qwen2Config, weight_bytes: int, mesh, rules, *,
 
 
 def plan_slots(config: Qwen2Config, state, mesh, rules, *, max_concurrent_decodes: int, max_seq_len: int,
-               kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0) -> tuple[KVBudget, int]:
+               kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0,
+               page_size: int = 0) -> tuple[KVBudget, int]:
   """(budget, slots) for an engine with params `state` (concrete or abstract) on `mesh`: `max_concurrent_decodes`
-  0 becomes the slots that fit; raises KVBudgetError when the slots x max_seq_len do not fit."""
+  0 becomes the slots that fit; raises KVBudgetError when the slots x max_seq_len do not fit (dense rows), or
+  when one max_seq_len sequence does not fit the pool (`page_size` > 0)."""
   budget = kv_budget(config, per_device_weight_bytes(state, mesh, rules), mesh, rules,
                      kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
+  if page_size:
+    budget.check_pool(max_seq_len, page_size)
+    return budget, max_concurrent_decodes or budget.paged_slots_that_fit(max_seq_len, page_size)
   slots = max_concurrent_decodes or budget.slots_that_fit(max_seq_len)
   budget.check(max(1, slots), max_seq_len)
   return budget, slots

@@ -34,7 +34,7 @@ from retro_jax.engine import kv_budget
 from retro_jax.engine import sampling as sampling_lib
 from retro_jax.engine.api import Engine, ResultTokens
 from retro_jax.engine.requests import GenerationRequest
-from retro_jax.models.kv_cache import CACHE_AXES, KVCache
+from retro_jax.models.kv_cache import CACHE_AXES, PAGED_CACHE_AXES, KVCache, PagedKVCache
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
 
 SamplingConfig = sampling_lib.SamplingConfig
@@ -44,7 +44,9 @@ SamplingConfig = sampling_lib.SamplingConfig
 class DecodeState:
   """Everything the decode loop carries, one row per slot."""
 
-  cache: KVCache  # keys/values: [num_layers, b, max_seq_len, kv_heads, head_dim]; lengths [b] = slots filled
+  # dense rows: keys/values [num_layers, b, max_seq_len, kv_heads, head_dim]; or a paged pool
+  # [num_layers, kv_heads, pages, page_size, head_dim] with page tables [b, pages_per_slot]; lengths [b] = filled
+  cache: KVCache | PagedKVCache
   tokens: jax.Array  # [b] int32, the last generated token (input of the next step)
   generated: jax.Array  # [b] int32, tokens generated so far
   budget: jax.Array  # [b] int32, max new tokens
@@ -95,7 +97,9 @@ class Qwen2Engine(Engine):
     model: the model (its params are moved onto `mesh` by `load_params`).
     max_concurrent_decodes: decode slots (must divide by the data x fsdp mesh size); 0 = as many as the KV
       budget holds at max_seq_len (at most kv_budget.MAX_AUTO_SLOTS).
-    max_seq_len: KV slots per decode slot: prompt + generated tokens must fit.
+    max_seq_len: KV positions per decode slot: prompt + generated tokens must fit.
+    kv_page_size: positions per page of a paged KV pool (0: one dense max_seq_len row per slot). The pool is
+      sized from the budget; the driver hands pages to slots as their tokens arrive (engine/page_pool.py).
     kv_memory_fraction, kv_memory_bytes: the per-device KV budget (see kv_budget.py): a byte count when > 0,
       else the fraction of device memory left after the weights. Slots x max_seq_len are checked against it
       before anything is allocated (KVBudgetError).
@@ -111,7 +115,7 @@ class Qwen2Engine(Engine):
                decode_steps: int = 16, eos_token_ids: tuple[int, ...] | None = None, mesh: Mesh | None = None,
                min_prefill_bucket: int = 16, min_attend_bucket: int = 128, max_prefill_batch: int = 8,
                max_prefill_tokens: int = 4096, kv_memory_fraction: float = kv_budget.DEFAULT_KV_MEMORY_FRACTION,
-               kv_memory_bytes: int = 0):
+               kv_memory_bytes: int = 0, kv_page_size: int = 64):
     self.config = model.config
     self._mesh = mesh if mesh is not None else sharding_lib.make_mesh(devices=jax.devices()[:1])
     self._rules = sharding_lib.SERVE_RULES
@@ -120,8 +124,14 @@ class Qwen2Engine(Engine):
     self._params = None
     self.kv_budget, self._batch = kv_budget.plan_slots(
         self.config, nnx.state(model), self._mesh, self._rules, max_concurrent_decodes=max_concurrent_decodes,
-        max_seq_len=max_seq_len, kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
+        max_seq_len=max_seq_len, kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes,
+        page_size=kv_page_size)
     self._max_len = max_seq_len
+    self.page_size = kv_page_size
+    if kv_page_size:
+      self.pages_per_slot = -(-max_seq_len // kv_page_size)
+      self.pages_per_shard = self.kv_budget.pool_pages(self._batch, max_seq_len, kv_page_size)
+      self.page_shards = self.kv_budget.slot_shards
     self.decode_steps = decode_steps
     self.eos_token_ids = tuple(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     self.prefill_buckets = _pow2_buckets(min_prefill_bucket, max_seq_len)
@@ -137,12 +147,20 @@ class Qwen2Engine(Engine):
 
   def _build_shardings(self):
     cfg, b, s = self.config, self._batch, self._max_len
-    kv_shape = (cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
-    kv = self._sharding(kv_shape, CACHE_AXES, "decode KV cache (max_concurrent_decodes x kv_heads)")
     rows = self._sharding((b,), ("batch",), "decode slots")
     rows2 = self._sharding((b, cfg.vocab_size), ("batch", None), "decode slots")
+    if self.page_size:
+      pool_shape = (cfg.num_layers, cfg.num_kv_heads, self.pages_per_shard * self.page_shards, self.page_size,
+                    cfg.head_dim)
+      pool = self._sharding(pool_shape, PAGED_CACHE_AXES, "paged KV pool (pages x kv_heads)")
+      self._table_sharding = self._sharding((b, self.pages_per_slot), ("batch", None), "decode slots")
+      cache = PagedKVCache(keys=pool, values=pool, lengths=rows, page_table=self._table_sharding)
+    else:
+      kv_shape = (cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
+      kv = self._sharding(kv_shape, CACHE_AXES, "decode KV cache (max_concurrent_decodes x kv_heads)")
+      cache = KVCache(keys=kv, values=kv, lengths=rows)
     self._state_sharding = DecodeState(
-        cache=KVCache(keys=kv, values=kv, lengths=rows),
+        cache=cache,
         tokens=rows, generated=rows, budget=rows, active=rows, keys=rows2,
         sampling=SamplingConfig(temperature=rows, top_p=rows, top_k=rows, ban_first_k=rows,
                                 banned_first=rows2, banned=rows2))
@@ -165,7 +183,12 @@ class Qwen2Engine(Engine):
     batch, max_len = self._batch, self._max_len
 
     def init_state() -> DecodeState:
-      return DecodeState(cache=KVCache.init(cfg, batch, max_len), tokens=jnp.zeros((batch,), jnp.int32),
+      if self.page_size:
+        cache = PagedKVCache.init(cfg, batch, self.pages_per_slot, self.pages_per_shard * self.page_shards,
+                                  self.page_size)
+      else:
+        cache = KVCache.init(cfg, batch, max_len)
+      return DecodeState(cache=cache, tokens=jnp.zeros((batch,), jnp.int32),
                          generated=jnp.zeros((batch,), jnp.int32), budget=jnp.zeros((batch,), jnp.int32),
                          active=jnp.zeros((batch,), bool), keys=jnp.zeros((batch, 2), jnp.uint32),
                          sampling=SamplingConfig.zeros(batch, cfg.vocab_size))
@@ -204,22 +227,54 @@ class Qwen2Engine(Engine):
       result = ResultTokens.pack(tokens[:, None], ones, ones[:, 0], logprobs[:, None])
       return row, tokens, logprobs, keys, config, budget, result  # Prefix's field order
 
-    def insert(prefix: Prefix, state: DecodeState, slot: jax.Array, sample: jax.Array) -> DecodeState:
-      put_row = lambda full, rows: jax.lax.dynamic_update_slice(
-          full, jax.lax.dynamic_slice_in_dim(rows, prefix.row, 1, axis=1), (0, slot) + (0,) * (full.ndim - 2))
-      token = prefix.first_tokens[sample]
-      cache = KVCache(keys=put_row(state.cache.keys, prefix.cache.keys),
-                      values=put_row(state.cache.values, prefix.cache.values),
-                      lengths=state.cache.lengths.at[slot].set(prefix.cache.lengths[prefix.row]))
+    def insert_slot(prefix: Prefix, state: DecodeState, cache, slot, sample, token, generated, budget):
+      """The slot's sampling state from `prefix`; token / budget < 0 take the prefix's (a preempted sample
+      resumes with its own last token, count and budget)."""
+      token = jnp.where(token >= 0, token, prefix.first_tokens[sample])
+      budget = jnp.where(budget >= 0, budget, prefix.budget)
+      cache = cache.replace(lengths=cache.lengths.at[slot].set(prefix.cache.lengths[prefix.row]))
       return DecodeState(
-          cache=cache, tokens=state.tokens.at[slot].set(token), generated=state.generated.at[slot].set(1),
-          budget=state.budget.at[slot].set(prefix.budget),
-          active=state.active.at[slot].set(~is_eos(token) & (prefix.budget > 1)),
+          cache=cache, tokens=state.tokens.at[slot].set(token), generated=state.generated.at[slot].set(generated),
+          budget=state.budget.at[slot].set(budget),
+          active=state.active.at[slot].set(~is_eos(token) & (generated < budget)),
           keys=state.keys.at[slot].set(prefix.keys[sample]),
           sampling=jax.tree.map(lambda full, row: full.at[slot].set(row), state.sampling, prefix.sampling))
 
-    def generate(params, state: DecodeState, attend_len: int):
+    def insert(prefix: Prefix, state: DecodeState, slot, sample, token, generated, budget) -> DecodeState:
+      put_row = lambda full, rows: jax.lax.dynamic_update_slice(
+          full, jax.lax.dynamic_slice_in_dim(rows, prefix.row, 1, axis=1), (0, slot) + (0,) * (full.ndim - 2))
+      cache = state.cache.replace(keys=put_row(state.cache.keys, prefix.cache.keys),
+                                  values=put_row(state.cache.values, prefix.cache.values))
+      return insert_slot(prefix, state, cache, slot, sample, token, generated, budget)
+
+    def write_pages(prefix: Prefix, state: DecodeState, pages: jax.Array) -> DecodeState:
+      """Writes the prefix row's positions into `pages` [pages_per_slot] (global ids, in position order; out of
+      range = shared or absent: not written)."""
+      positions = jnp.arange(prefix.cache.max_len)
+      page, offset = pages[positions // self.page_size], positions % self.page_size
+      put = lambda pool, rows: pool.at[:, :, page, offset].set(
+          jax.lax.dynamic_index_in_dim(rows, prefix.row, axis=1, keepdims=False).transpose(0, 2, 1, 3), mode="drop")
+      return state.replace(cache=state.cache.replace(keys=put(state.cache.keys, prefix.cache.keys),
+                                                     values=put(state.cache.values, prefix.cache.values)))
+
+    def insert_paged(prefix: Prefix, state: DecodeState, slot, sample, token, generated, budget, table_row,
+                     pages) -> DecodeState:
+      """`write_pages`, then the slot's table row `table_row` (local ids) and sampling state."""
+      state = write_pages(prefix, state, pages)
+      cache = state.cache.replace(page_table=state.cache.page_table.at[slot].set(table_row))
+      return insert_slot(prefix, state, cache, slot, sample, token, generated, budget)
+
+    def gather_pages(cache: PagedKVCache, pages: jax.Array, reused: jax.Array) -> KVCache:
+      """A prefix's pages [n] (global ids) gathered into dense [L, 1, n x page_size] rows (a cached prefix
+      reused by prefill)."""
+      take = lambda pool: pool[:, :, pages].reshape(pool.shape[:2] + (-1, pool.shape[-1])).transpose(0, 2, 1, 3)
+      return KVCache(keys=take(cache.keys)[:, None], values=take(cache.values)[:, None],
+                     lengths=jnp.reshape(reused, (1,)).astype(jnp.int32))
+
+    def generate(params, state: DecodeState, page_table: jax.Array | None, attend_len: int):
       model = nnx.merge(graphdef, params)
+      if page_table is not None:  # the host's tables: pages handed out for this call, freed slots emptied
+        state = state.replace(cache=state.cache.replace(page_table=page_table))
 
       def step(carry, _):
         cache, tokens, generated, active = carry
@@ -254,8 +309,10 @@ class Qwen2Engine(Engine):
                                out_shardings=(self._prefix_cache_sharding, rep))
     self._sample_first = jax.jit(sample_first, static_argnums=5, out_shardings=(
         rep, rep, rep, rep, prefix_sharding.sampling, rep, rep))
-    self._insert = jax.jit(insert, donate_argnums=1, out_shardings=state_sh)
-    self._generate = jax.jit(generate, donate_argnums=1, static_argnums=2, out_shardings=(state_sh, rep))
+    self._insert = jax.jit(insert_paged if self.page_size else insert, donate_argnums=1, out_shardings=state_sh)
+    self._generate = jax.jit(generate, donate_argnums=1, static_argnums=3, out_shardings=(state_sh, rep))
+    self._gather_pages = jax.jit(gather_pages, out_shardings=self._prefix_cache_sharding)
+    self._write_pages = jax.jit(write_pages, donate_argnums=1, out_shardings=state_sh)
 
   def _traced(self, fn, *args):
     with sharding_lib.use_rules(self._mesh, self._rules):
@@ -385,19 +442,74 @@ class Qwen2Engine(Engine):
       return prefix.cache
     return self._traced(self._trim, prefix.cache, prefix.row, keep)
 
-  def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int, *, sample: int = 0) -> DecodeState:
-    """Puts sample `sample` of `prefix` into `slot` (the prefix is not consumed: insert it once per sample)."""
-    return self._traced(self._insert, prefix, decode_state, np.int32(slot), np.int32(sample))
+  def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int, *, sample: int = 0,
+             pages: list[int] | None = None, shared_pages: int = 0,
+             resume: tuple[int, int, int] | None = None) -> DecodeState:
+    """Puts sample `sample` of `prefix` into `slot` (the prefix is not consumed: insert it once per sample).
 
-  def generate(self, params, decode_state: DecodeState, *,
-               attend_len: int | None = None) -> tuple[DecodeState, ResultTokens]:
+    Paged pools: `pages` (global page ids, in position order) become the slot's table; the prefix's positions
+    are written into them except into the first `shared_pages`, which other holders already filled with the same
+    tokens' KV (n samples of one prompt, a cached prefix). `resume` = (last token, tokens generated, budget)
+    restarts a preempted sample from a prefill of its prompt and all but its last token.
+    """
+    token, generated, budget = resume or (-1, 1, -1)
+    args = (prefix, decode_state, np.int32(slot), np.int32(sample), np.int32(token), np.int32(generated),
+            np.int32(budget))
+    if not self.page_size:
+      return self._traced(self._insert, *args)
+    if pages is None or not 0 <= shared_pages <= len(pages) <= self.pages_per_slot:
+      raise ValueError(f"a paged insert needs at most {self.pages_per_slot} pages and shared_pages <= len(pages)")
+    return self._traced(self._insert, *args, self.table_row(slot, pages), self._write_row(pages, shared_pages))
+
+  def _write_row(self, pages: list[int], shared_pages: int) -> np.ndarray:
+    """[pages_per_slot] global ids to write, the "no page" marker for the shared ones and past the end."""
+    row = np.full((self.pages_per_slot,), self.pages_per_shard * self.page_shards, np.int32)
+    row[shared_pages:len(pages)] = pages[shared_pages:]
+    return row
+
+  def write_pages(self, prefix: Prefix, decode_state: DecodeState, pages: list[int], *,
+                  shared_pages: int = 0) -> DecodeState:
+    """Writes a prompt's KV from `prefix` into `pages` (global ids, in position order), skipping the first
+    `shared_pages`, without giving it a slot: a prompt's full pages, written once for all its samples and the
+    prefix cache."""
+    return self._traced(self._write_pages, prefix, decode_state, self._write_row(pages, shared_pages))
+
+  def slot_shard(self, slot: int) -> int:
+    """The shard of the pool (and of the slots) a decode slot lives on: slots are split evenly, in order."""
+    return slot // (self._batch // self.page_shards)
+
+  def table_row(self, slot: int, pages: list[int]) -> np.ndarray:
+    """A slot's device page-table row [pages_per_slot]: local ids of `pages` (global ids of the slot's shard),
+    then the "no page" marker."""
+    shard = self.slot_shard(slot)
+    if any(p // self.pages_per_shard != shard for p in pages):
+      raise ValueError(f"slot {slot} lives on shard {shard} of the pool; pages {list(pages)} are not all there")
+    row = np.full((self.pages_per_slot,), self.pages_per_shard, np.int32)
+    row[:len(pages)] = np.asarray(pages, np.int64) % self.pages_per_shard
+    return row
+
+  def gather_pages(self, decode_state: DecodeState, pages: list[int], reused: int) -> KVCache:
+    """Dense [1, bucket(len(pages)) x page_size] rows of the KV in `pages` (a cached prefix to reuse)."""
+    n = bucket(len(pages), 1, self.pages_per_slot)
+    padded = np.zeros((n,), np.int32)
+    padded[:len(pages)] = pages
+    return self._traced(self._gather_pages, decode_state.cache, padded, np.int32(reused))
+
+  def generate(self, params, decode_state: DecodeState, *, attend_len: int | None = None,
+               page_table: np.ndarray | None = None) -> tuple[DecodeState, ResultTokens]:
     """Runs `decode_steps` steps for every slot.
 
     `attend_len` promises that no live slot holds more than `attend_len - decode_steps` tokens, so attention
     can stop at that bucket; a slot that breaks the promise only corrupts itself. None = the whole cache.
+    `page_table` [slots, pages_per_slot] (paged pools: required): every slot's pages for this call, which must
+    cover each live slot's positions up to its length + decode_steps.
     """
     attend = bucket(attend_len or self._max_len, self.attend_buckets[0], self._max_len)
-    return self._traced(self._generate, params, decode_state, attend)
+    if self.page_size and page_table is None:
+      raise ValueError("a paged engine's generate needs the page tables")
+    if page_table is not None:
+      page_table = jax.device_put(np.asarray(page_table, np.int32), self._table_sharding)
+    return self._traced(self._generate, params, decode_state, page_table, attend)
 
   # ---- ahead-of-time compilation --------------------------------------------------------------------------
 
@@ -437,11 +549,17 @@ class Qwen2Engine(Engine):
         yield f"sample_first[{rows}]", lower(self._sample_first, logits_abs, scalar, host_config, seed, scalar, 1)
         sampled = jax.eval_shape(self._sample_first, logits_abs, scalar, host_config, seed, scalar, 1)
         prefix_abs = abstract(Prefix(cache_abs, *sampled[:6]), self.get_prefix_destination_sharding())
-        yield f"insert[{rows}x{length}]", lower(self._insert, prefix_abs, state_abs, scalar, scalar)
+        insert_args = (prefix_abs, state_abs) + (scalar,) * 5
+        if self.page_size:
+          insert_args += (jax.ShapeDtypeStruct((self.pages_per_slot,), jnp.int32),) * 2
+        yield f"insert[{rows}x{length}]", lower(self._insert, *insert_args)
         if rows > 1:
           yield f"trim[{rows}x{length}]", lower(self._trim, cache_abs, prefix_abs.row, length)
+    table_abs = None
+    if self.page_size:
+      table_abs = jax.ShapeDtypeStruct((self._batch, self.pages_per_slot), jnp.int32, sharding=self._table_sharding)
     for attend in attend_lengths or self.attend_buckets:
-      yield f"generate[{attend}]", lower(self._generate, params_abs, state_abs, attend)
+      yield f"generate[{attend}]", lower(self._generate, params_abs, state_abs, table_abs, attend)
 
 
 def load_engine(model_dir: str, *, mesh: Mesh | None = None, dtype: str | None = None,

@@ -19,6 +19,7 @@ from retro_jax.user_errors import UserError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "splash", "cudnn", "xla")  # see attention.py
+PAGED_ATTENTION_IMPLEMENTATIONS = ("auto", "gather", "pallas_tpu", "pallas_gpu")  # see paged_attention.py
 # Rematerialisation of each scanned layer: "full" keeps only the layer's input for the backward pass, "dots"
 # also its matmul outputs (more memory, less recompute).
 REMAT_POLICIES = {
@@ -107,6 +108,7 @@ class Qwen2Config:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay float32
   attention: str = "auto"  # full-sequence attention: "auto" picks by platform (attention.py)
+  paged_attention: str = "auto"  # decode attention over a paged KV pool: "auto" picks by platform
   remat: str = "none"  # default remat policy of the scanned layers (REMAT_POLICIES)
   # lax.scan's unroll of the layer loop: 1 compiles one layer; `retro-jax plan` unrolls a 2-layer copy to cost one
   # layer, since XLA's cost model counts a loop body once
@@ -118,6 +120,9 @@ class Qwen2Config:
           f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.paged_attention not in PAGED_ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"paged_attention must be one of {PAGED_ATTENTION_IMPLEMENTATIONS}, "
+                        f"got {self.paged_attention!r}")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     for name in ("param_dtype", "dtype"):

@@ -62,3 +62,60 @@ def write_rows(buffer: jax.Array, layer: jax.Array, new: jax.Array, starts: jax.
   rows = jnp.arange(new.shape[0])[:, None]
   slots = starts[:, None] + jnp.arange(new.shape[1])[None, :]
   return buffer.at[layer, rows, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+# ---- paged ------------------------------------------------------------------------------------------------------
+
+# Logical axes of a paged pool. Kv-heads-major, as JAX's Pallas paged-attention kernels (TPU and GPU) take a layer's
+# pages: [kv_heads, pages, page_size, head_dim].
+PAGED_CACHE_AXES = ("layers", "kv_heads", "kv_pages", None, "head_dim")
+
+
+@struct.dataclass
+class PagedKVCache:
+  """A pool of fixed-size KV pages shared by all decode slots, and each slot's table of the pages it reads.
+
+  Slot b's position j lives at page `page_table[b, j // page_size]`, offset `j % page_size`. Pages are handed out
+  by the host (engine/page_pool.py) as a slot grows, so memory follows the tokens that exist rather than
+  slots x max_seq_len, and one page can sit in several tables (the n samples of a prompt, a cached prefix).
+  Table entries are page indices local to the slot's shard of the pool (the pool's page axis is split like the
+  slots); `num_pages` (one past the last local page) marks an entry with no page: writes there are dropped.
+  """
+
+  keys: jax.Array  # [layers, kv_heads, pages, page_size, head_dim]
+  values: jax.Array  # [layers, kv_heads, pages, page_size, head_dim]
+  lengths: jax.Array  # [batch] int32, positions filled
+  page_table: jax.Array  # [batch, pages_per_slot] int32
+
+  @classmethod
+  def init(cls, config: Qwen2Config, batch: int, pages_per_slot: int, num_pages: int, page_size: int,
+           dtype=None) -> PagedKVCache:
+    shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
+    dtype = dtype or config.jnp_dtype
+    return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32),
+               page_table=jnp.full((batch, pages_per_slot), num_pages, jnp.int32))
+
+  @property
+  def page_size(self) -> int:
+    return self.keys.shape[3]
+
+  @property
+  def num_pages(self) -> int:
+    return self.keys.shape[2]
+
+  @property
+  def max_len(self) -> int:
+    return self.page_table.shape[1] * self.page_size
+
+  @property
+  def batch(self) -> int:
+    return self.page_table.shape[0]
+
+
+def write_pages(pool: jax.Array, layer: jax.Array, new: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
+  """pool [L, k, P, page, h] with new [m, k, h] written into layer `layer` at (pages[i], offsets[i]) [m].
+
+  One scatter; entries whose page is out of range (the table's "no page" marker) are dropped, which is how a free
+  or finished slot's step writes nothing.
+  """
+  return pool.at[layer, :, pages, offsets].set(new.astype(pool.dtype), mode="drop")

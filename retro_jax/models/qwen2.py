@@ -11,7 +11,8 @@ Layers are scanned, not unrolled: every layer parameter carries a leading [num_l
 "layers") and one `lax.scan` runs the decoder layer over it. XLA compiles one layer instead of 28 or 64 (the
 7B train step compiled in 5.3 min unrolled on 2 cores), and rematerialisation is a policy applied to the scan
 body (`Qwen2Config.remat`), which is how MaxText and tunix trade memory for compute on long sequences.
-Full-sequence attention never builds [t, t] scores (attention.py); decoding attends densely over the cache.
+Full-sequence attention never builds [t, t] scores (attention.py); decoding attends densely over a cache of
+dense rows, or over each row's own pages of a paged pool (paged_attention.py).
 
 Dimension letters in einsums: b batch, t query positions, s key positions, d embed, k kv heads, g query heads
 per kv head, n query heads (= k*g), h head dim, f mlp, v vocab.
@@ -25,7 +26,8 @@ from flax import nnx, struct
 from retro_jax import sharding
 from retro_jax.models.attention import attention, dense_attention
 from retro_jax.models.config import REMAT_POLICIES, Qwen2Config
-from retro_jax.models.kv_cache import CACHE_AXES, KVCache, write_rows
+from retro_jax.models.kv_cache import CACHE_AXES, KVCache, PagedKVCache, write_rows
+from retro_jax.models.paged_attention import paged_update_and_attend
 from retro_jax.models.rope import apply_rope, rope_frequencies
 
 
@@ -58,18 +60,20 @@ class RMSNorm(nnx.Module):
 @struct.dataclass
 class LayerCache:
   """What one scanned layer needs of the decode cache: the stacked buffers (carried through the scan and
-  updated in place), which layer this is, where each row's chunk starts and what each query may see."""
+  updated in place), which layer this is, where each row's chunk starts and what each query may see.
+  With a `page_table` the buffers are a paged pool (kv_cache.PagedKVCache) and the chunk is one decode step."""
 
-  keys: jax.Array  # [L, b, S, k, h]
-  values: jax.Array  # [L, b, S, k, h]
+  keys: jax.Array  # [L, b, S, k, h], or paged [L, k, P, page, h]
+  values: jax.Array  # as keys
   layer: jax.Array  # [] int32
   starts: jax.Array  # [b] int32
-  mask: jax.Array  # [b, t, attend] bool
+  mask: jax.Array | None  # [b, t, attend] bool (dense rows only)
   # attention reads cache slots [0, attend) only (S: all of them); writes still go to the whole buffer
   attend: int = struct.field(pytree_node=False)
   # every row starts at 0 (a fresh prefill): the chunk attends to itself only, through the full-sequence path,
   # so a 32k-token prompt never builds [t, S] scores
   empty: bool = struct.field(pytree_node=False, default=False)
+  page_table: jax.Array | None = None  # [b, attend // page] int32: the pages each row reads (paged pools only)
 
 
 class Attention(nnx.Module):
@@ -98,6 +102,11 @@ class Attention(nnx.Module):
     v = self._project(x, self.v_kernel, self.v_bias)
     if cache is None:
       out = attention(q, k, v, segment_ids, implementation=cfg.attention)
+    elif cache.page_table is not None:
+      out, keys, values = paged_update_and_attend(
+          q[:, 0], k[:, 0], v[:, 0], cache.keys, cache.values, cache.layer, cache.page_table, cache.starts,
+          segment_ids[:, 0] != 0, cfg.paged_attention)
+      out, cache = out[:, None], cache.replace(keys=keys, values=values)
     else:
       keys = sharding.constrain(write_rows(cache.keys, cache.layer, k, cache.starts), CACHE_AXES)
       values = sharding.constrain(write_rows(cache.values, cache.layer, v, cache.starts), CACHE_AXES)
@@ -162,7 +171,7 @@ class Qwen2ForCausalLM(nnx.Module):
       self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                    kv_cache: KVCache | None = None, remat: str | None = None,
+                    kv_cache: KVCache | PagedKVCache | None = None, remat: str | None = None,
                     empty_cache: bool = False, attend_len: int = 0) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [b, t, d] (the trainer computes the loss from these in vocab chunks).
 
@@ -170,6 +179,8 @@ class Qwen2ForCausalLM(nnx.Module):
     blockwise (attention.py) instead of densely over the cache. `attend_len` (> 0) promises that no row that
     counts reaches past cache slot `attend_len`: attention then reads and scores only those slots (the decode
     loop's attend bucket), with no second buffer of that length.
+    A `PagedKVCache` takes one token per row (decode): each row writes into and reads its own pages, the first
+    attend_len // page_size entries of its page table.
 
     `remat` (default: the config's) names the policy applied to each layer of the scan: "full" keeps only each
     layer's input for the backward pass, "dots" also its matmul outputs.
@@ -194,7 +205,13 @@ class Qwen2ForCausalLM(nnx.Module):
     if remat != "none":
       layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[remat], prevent_cse=False)
     cache = None
-    if kv_cache is not None:
+    if isinstance(kv_cache, PagedKVCache):
+      if t != 1:
+        raise ValueError(f"a paged KV cache takes one token per row (decode), got {t}")
+      pages = -(-min(attend_len or kv_cache.max_len, kv_cache.max_len) // kv_cache.page_size)
+      cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
+                         mask=None, attend=pages * kv_cache.page_size, page_table=kv_cache.page_table[:, :pages])
+    elif kv_cache is not None:
       seen = min(attend_len, kv_cache.max_len) if attend_len > 0 else kv_cache.max_len
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
                          mask=cache_mask(kv_cache.lengths, t, seen), attend=seen, empty=empty_cache)
@@ -205,7 +222,7 @@ class Qwen2ForCausalLM(nnx.Module):
       return x, None
     # A right-padded chunk advances each row by its real tokens only; slots past that are overwritten later.
     lengths = kv_cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-    return x, KVCache(keys=cache.keys, values=cache.values, lengths=lengths)
+    return x, kv_cache.replace(keys=cache.keys, values=cache.values, lengths=lengths)
 
   def head_kernel(self) -> jax.Array:
     """[d, v] output projection (the transposed embedding when tied)."""
@@ -220,7 +237,8 @@ class Qwen2ForCausalLM(nnx.Module):
     return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-               kv_cache: KVCache | None = None, attend_len: int = 0) -> tuple[jax.Array, KVCache | None]:
+               kv_cache: KVCache | PagedKVCache | None = None,
+               attend_len: int = 0) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
     """tokens, positions [b, t] int32 -> (logits [b, t, v] float32, updated cache or None)."""
     hidden, kv_cache = self.hidden_states(tokens, positions, segment_ids, kv_cache, attend_len=attend_len)
     return self.logits(hidden), kv_cache

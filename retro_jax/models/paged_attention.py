@@ -1,0 +1,115 @@
+"""Decode attention over a paged KV pool: one new token per slot, reading only that slot's own pages.
+
+One function, `paged_decode_attention`, with three implementations picked by platform (`implementation="auto"`):
+- "gather": pure JAX, runs everywhere and is the reference: gather the slot's pages in table order into
+  [b, pages x page_size] keys and values, mask positions >= the slot's length, softmax in float32.
+- "pallas_tpu": `jax.experimental.pallas.ops.tpu.paged_attention` (JetStream's kernel, now inside JAX): it DMAs a
+  slot's pages straight from HBM and stops at the slot's length, so a short slot next to a 32k one reads little.
+- "pallas_gpu": `jax.experimental.pallas.ops.gpu.paged_attention` (Triton through Pallas; k-splits over pages).
+Both kernels take q unscaled and apply no 1/sqrt(head_dim), so q is scaled here first; both read a layer's pool
+as [kv_heads, pages, page_size, head_dim], which is why the pool is laid out kv-heads-major (kv_cache.py).
+
+`paged_update_and_attend` writes the step's key/value into the pool and attends, per device under `shard_map`
+when the mesh splits slots or KV heads: page indices in the tables are local to a device's shard of the pool,
+so neither the write nor the read ever touches another device's pages.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from retro_jax import sharding
+from retro_jax.models.attention import platform
+from retro_jax.models.config import PAGED_ATTENTION_IMPLEMENTATIONS
+from retro_jax.models.kv_cache import PAGED_CACHE_AXES, write_pages
+
+
+def gather_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                     lengths: jax.Array) -> jax.Array:
+  """q [b, n, h]; k/v_pages [k, P, page, h]; page_table [b, p] (in range); lengths [b] -> [b, n, h] in q.dtype.
+
+  A slot of length 0 averages nothing and gets 0."""
+  b, n, h = q.shape
+  kv_heads, _, page_size, _ = k_pages.shape
+  seen = lambda pages: pages[:, page_table].reshape(kv_heads, b, -1, h)  # [k, b, p * page, h]
+  keys, values = seen(k_pages), seen(v_pages)
+  qg = q.reshape(b, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("bkgh,kbsh->bkgs", qg, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
+  mask = (jnp.arange(keys.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
+  probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1), 0.0)
+  out = jnp.einsum("bkgs,kbsh->bkgh", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+  return out.reshape(b, n, h).astype(q.dtype)
+
+
+def _largest_divisor_up_to(n: int, cap: int) -> int:
+  return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def tpu_kernel_attention(q, k_pages, v_pages, page_table, lengths, pages_per_compute_block: int = 8):
+  from jax.experimental.pallas.ops.tpu import paged_attention as tpu  # pylint: disable=import-outside-toplevel
+  block = _largest_divisor_up_to(page_table.shape[1], pages_per_compute_block)
+  out = tpu.paged_attention(q * (q.shape[-1] ** -0.5), k_pages, v_pages, jnp.maximum(lengths, 1), page_table,
+                            pages_per_compute_block=block)
+  return jnp.where((lengths > 0)[:, None, None], out, 0).astype(q.dtype)
+
+
+def gpu_kernel_attention(q, k_pages, v_pages, page_table, lengths, pages_per_compute_block: int = 8,
+                         interpret: bool = False):
+  """The GPU kernel; `interpret=True` runs it through Pallas's interpreter on CPU (how tests check it)."""
+  from jax.experimental.pallas.ops.gpu import paged_attention as gpu  # pylint: disable=import-outside-toplevel
+  pages = page_table.shape[1]
+  block = _largest_divisor_up_to(pages, pages_per_compute_block)
+  out = gpu.paged_attention(q * (q.shape[-1] ** -0.5), k_pages, v_pages, page_table, jnp.maximum(lengths, 1),
+                            pages_per_compute_block=block, k_splits=max(1, pages // block), interpret=interpret)
+  return jnp.where((lengths > 0)[:, None, None], out, 0).astype(q.dtype)
+
+
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                           lengths: jax.Array, implementation: str = "auto") -> jax.Array:
+  """Attention of one query per slot over its first `lengths[b]` positions (see the module docstring).
+
+  q [b, n, h]; k/v_pages [k, P, page, h]; page_table [b, p] int32 with entries in [0, P); lengths [b] int32.
+  """
+  if implementation == "auto":
+    implementation = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform(), "gather")
+  fn = {"gather": gather_attention, "pallas_tpu": tpu_kernel_attention, "pallas_gpu": gpu_kernel_attention}.get(
+      implementation)
+  if fn is None:
+    raise ValueError(f"paged attention implementation must be one of {PAGED_ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
+  return fn(q, k_pages, v_pages, page_table, lengths)
+
+
+def _update_and_attend(q, k, v, pool_k, pool_v, layer, page_table, starts, active, implementation):
+  """Per device: write k/v [b, k, h] at each active slot's position `starts`, then attend over [0, starts]."""
+  num_pages, page_size = pool_k.shape[2], pool_k.shape[3]
+  page = jnp.take_along_axis(page_table, (starts // page_size)[:, None], axis=1, mode="clip")[:, 0]
+  page = jnp.where(active, page, num_pages)  # inactive slots write nothing
+  offset = starts % page_size
+  pool_k = write_pages(pool_k, layer, k, page, offset)
+  pool_v = write_pages(pool_v, layer, v, page, offset)
+  readable = jnp.minimum(page_table, num_pages - 1)  # "no page" entries lie past the length: any page will do
+  lengths = jnp.where(active, starts + 1, 0)
+  out = paged_decode_attention(q, pool_k[layer], pool_v[layer], readable, lengths, implementation)
+  return out, pool_k, pool_v
+
+
+def paged_update_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
+                            layer: jax.Array, page_table: jax.Array, starts: jax.Array, active: jax.Array,
+                            implementation: str = "auto"):
+  """One decode step of one layer: q [b, n, h], k/v [b, k, h] at positions starts [b] (written where active [b]);
+  pools [L, k, P, page, h] -> (out [b, n, h], pool_k, pool_v)."""
+  if implementation == "auto":
+    implementation = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform(), "gather")
+  body = functools.partial(_update_and_attend, implementation=implementation)
+  active_mesh = sharding.active()
+  if active_mesh is None or active_mesh[0].size == 1:
+    return body(q, k, v, pool_k, pool_v, layer, page_table, starts, active)
+  mesh, rules = active_mesh
+  heads, kv_heads = rules.spec(("batch", "heads", None)), rules.spec(("batch", "kv_heads", None))
+  pool, rows = rules.spec(PAGED_CACHE_AXES), rules.spec(("batch",))
+  return jax.shard_map(body, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, pool, pool, rules.spec(()),
+                                                  rules.spec(("batch", None)), rows, rows),
+                       out_specs=(heads, pool, pool), check_vma=False)(
+                           q, k, v, pool_k, pool_v, layer, page_table, starts, active)
