@@ -40,13 +40,15 @@ def resolve_max_seq_len(model_dir: str, max_seq_len: int, option: str = "--confi
 def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_seq_len: int = 2048,
                         dtype: str = "float32", mesh: Mesh | None = None, decode_steps: int = 16,
                         prefix_cache_bytes: int = 1 << 30, progress: bool = True,
-                        kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0) -> Driver:
+                        kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0,
+                        kv_page_size: int = 64) -> Driver:
   """A `TextGenerator` over an HF checkpoint directory (config.json, safetensors, tokenizer files).
 
   `dtype` is both the storage and the compute dtype ("float32", "bfloat16"). EOS ids are the tokenizer's
   plus the config's. See driver.py for the over-long, EOS and stop-string policies. `max_concurrent_decodes`
   0 takes as many slots as the KV budget (`kv_memory_fraction` / `kv_memory_bytes`, kv_budget.py) holds;
-  slots that do not fit raise `KVBudgetError` before any KV is allocated.
+  slots that do not fit raise `KVBudgetError` before any KV is allocated. `kv_page_size` > 0 makes the budget a
+  pool of pages that slots take as their tokens arrive (engine/paging.py); 0 reserves a dense row per slot.
   """
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
 
@@ -54,9 +56,10 @@ def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_
   eos = tuple(dict.fromkeys(tuple(tokenizer.eos_token_ids) + Qwen2Config.from_pretrained(model_dir).eos_token_ids))
   engine = load_engine(model_dir, mesh=mesh, dtype=dtype, max_concurrent_decodes=max_concurrent_decodes,
                        max_seq_len=max_seq_len, decode_steps=decode_steps, eos_token_ids=eos,
-                       kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
+                       kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes, kv_page_size=kv_page_size)
   if progress:
-    print(f"[engine] {engine.kv_budget.describe(engine.max_concurrent_decodes, engine.max_seq_len)}", file=sys.stderr)
+    print(f"[engine] {engine.kv_budget.describe(engine.max_concurrent_decodes, engine.max_seq_len, kv_page_size)}",
+          file=sys.stderr)
   return Driver(engine, tokenizer, prefix_cache_bytes=prefix_cache_bytes, progress=progress)
 
 

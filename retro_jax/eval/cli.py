@@ -65,9 +65,10 @@ def default_eval_config() -> ml_collections.ConfigDict:
       "max_new_tokens": 32768,
   })
   # max_seq_len 0: the longest prompt plus the budget, at most the model's positions (longer budgets are cut);
-  # tensor / replicas_per_host: chips per replica / replicas (0: automatic)
+  # tensor / replicas_per_host: chips per replica / replicas (0: automatic); kv_page_size: positions per page of
+  # the paged KV pool (0: a dense max_seq_len row per slot)
   config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32",
-                                             "tensor": 0, "replicas_per_host": 0})
+                                             "tensor": 0, "replicas_per_host": 0, "kv_page_size": 64})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 
@@ -145,6 +146,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   generator = serving.load_text_generator(config.model, max_concurrent_decodes=config.engine.max_concurrent_decodes,
                                           max_seq_len=max_seq_len, dtype=config.engine.dtype,
                                           mesh=serving.serving_mesh_for(config.model, config.engine),
+                                          kv_page_size=config.engine.kv_page_size,
                                           progress=False)  # the eval bar shows samples/s and accuracy instead
   summary = runner.evaluate(generator, tokenizer, records, settings, bad_records=bad)
   if summary["bad_records"] or summary["budget_clamped"]:

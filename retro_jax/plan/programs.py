@@ -287,9 +287,11 @@ def _serving_lowered(model_config: Qwen2Config, mesh, shape: ServingShape):
   step at the longest attend bucket."""
   from retro_jax.engine.qwen2_engine import Qwen2Engine  # pylint: disable=import-outside-toplevel
   model = nnx.eval_shape(lambda: Qwen2ForCausalLM(model_config, nnx.Rngs(0)))
-  # the plan measures what fits itself, so the engine is not asked to query the (absent) device's memory
+  # the plan measures what fits itself, so the engine is not asked to query the (absent) device's memory. It plans
+  # dense rows (every slot at max_seq_len): the upper bound of a paged pool, which never holds more, and programs
+  # XLA can cost (a Pallas kernel's bytes and FLOPs are not in its cost analysis)
   engine = Qwen2Engine(model, max_concurrent_decodes=shape.max_concurrent_decodes, max_seq_len=shape.max_seq_len,
-                       decode_steps=shape.decode_steps, mesh=mesh, kv_memory_bytes=_NO_KV_LIMIT)
+                       decode_steps=shape.decode_steps, mesh=mesh, kv_memory_bytes=_NO_KV_LIMIT, kv_page_size=0)
   state = nnx.state(model)
   params = _abstract(nnx.to_pure_dict(state),
                      nnx.to_pure_dict(sharding.state_shardings(state, mesh, sharding.SERVE_RULES)))
