@@ -16,6 +16,13 @@ there the JSON names each side's device and holds no speedup (`speedup_omitted` 
 Retro-Search workload: a question plus one trace of `--trace-tokens` tokens, one rollout from each of 10 nested
 prefixes (question + trace[:k/10]), R1 sampling, all in flight together; prefill tokens computed and wall time
 with and without prefix reuse, and whether the outputs are identical.
+Paged KV vs dense rows (`paged`), the same driver and model, greedy so outputs must match token for token:
+- short: `--paged-slots` prompts of `--prompt-len` tokens decoding `--new-tokens`: decode tok/s of both;
+- long: Retro-Search-shaped records with traces of 1k..`--paged-max-trace` tokens, a rollout of
+  `--rollout-tokens` from each of 8 nested prefixes of every trace, all records in flight on `--paged-slots` slots
+  with max_seq_len = the longest trace + rollout: KV bytes dense rows reserve vs the most the paged pool held,
+  then the same records on a paged pool of a quarter of the dense bytes (requests wait or are preempted);
+- parity on `--paged-parity-model` (default the 0.5B shape): n samples, a prefix-cache hit and an exhausted pool.
 
 CPU (about 5 minutes on 2 cores):
   python benchmarks/decode.py --out runs/benchmarks/decode_cpu.json
@@ -41,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from retro_jax.engine import Driver, GenerationRequest, Qwen2Engine, R1_SAMPLING
+from retro_jax.engine.paging import pages_for
 from retro_jax.engine.qwen2_engine import bucket
 from retro_jax.jsonl import write_json
 from retro_jax.models.config import SHAPES as PUBLISHED_SHAPES
@@ -134,7 +142,7 @@ def copy_bandwidth(mib: int) -> dict:
 
 def _engine_options(args) -> dict:
   return dict(decode_steps=args.decode_steps, max_prefill_batch=args.max_prefill_batch,
-              max_prefill_tokens=args.max_prefill_tokens)
+              max_prefill_tokens=args.max_prefill_tokens, kv_page_size=args.kv_page_size)
 
 
 def _pow2(n: int) -> int:
@@ -277,6 +285,104 @@ def bench_retro_search(args) -> dict:
   return out
 
 
+def _timed_run(engine: Qwen2Engine, requests, **driver_kw) -> tuple[list, dict]:
+  """One driver over `engine`: the requests run twice (the first compiles), the second timed."""
+  driver = Driver(engine, _NullTokenizer(), progress=False, **driver_kw)
+  driver.generate(requests)
+  if driver.prefix_cache is not None:
+    driver.prefix_cache.clear()
+  before = dict(vars(driver.stats))
+  tic = time.perf_counter()
+  results = driver.generate(requests)
+  wall = time.perf_counter() - tic
+  stats = {k: v - before[k] if k != "peak_kv_pages" else v for k, v in vars(driver.stats).items()}
+  stats.update(wall_s=wall, tok_s=stats["generated_tokens"] / wall,
+               decode_tok_s=stats["generated_tokens"] / max(stats["decode_seconds"], 1e-9))
+  return [[s.tokens for s in r.samples] for r in results], stats
+
+
+def _paged_vs_dense(model, config, requests, slots: int, max_len: int, args, pool_fraction: float = 1.0) -> dict:
+  """The same requests through dense rows and a paged pool (of `pool_fraction` of the dense bytes)."""
+  dense_bytes = slots * max_len * bytes_per_token(config)
+  page_bytes = args.kv_page_size * bytes_per_token(config)
+  options = dict(_engine_options(args), max_concurrent_decodes=slots, max_seq_len=max_len, eos_token_ids=())
+  dense_out, dense = _timed_run(Qwen2Engine(model, **dict(options, kv_page_size=0), kv_memory_bytes=dense_bytes),
+                                requests)
+  pool = int(pool_fraction * dense_bytes) // page_bytes * page_bytes
+  paged_engine = Qwen2Engine(model, **options, kv_memory_bytes=pool)
+  paged_out, paged = _timed_run(paged_engine, requests)
+  pool_bytes = paged_engine.pages_per_shard * page_bytes
+  return dict(dense=dict(dense, kv_bytes_reserved=dense_bytes),
+              paged=dict(paged, kv_bytes_reserved=pool_bytes, kv_bytes_peak=paged["peak_kv_pages"] * page_bytes),
+              identical_outputs=dense_out == paged_out,
+              peak_kv_fraction_of_dense=paged["peak_kv_pages"] * page_bytes / dense_bytes,
+              decode_tok_s_paged_over_dense=paged["decode_tok_s"] / dense["decode_tok_s"])
+
+
+def _retro_records(config, traces: list[int], rollouts: int, rollout_tokens: int, question: int = 64, seed: int = 0):
+  """Greedy rollouts from `rollouts` nested prefixes of one random trace per length in `traces`."""
+  rng = np.random.default_rng(seed)
+  requests = []
+  for length in traces:
+    text = rng.integers(0, config.vocab_size, question + length).tolist()
+    requests += [GenerationRequest(prompt_tokens=tuple(text[:question + length * k // rollouts]),
+                                   max_new_tokens=rollout_tokens, seed=k) for k in range(1, rollouts + 1)]
+  return requests
+
+
+def bench_paged(args) -> dict:
+  config = _config(args.retro_model, args.dtype)
+  model = _our_model(config)
+  rng = np.random.default_rng(0)
+  short = [GenerationRequest(prompt_tokens=tuple(rng.integers(0, config.vocab_size, args.prompt_len).tolist()),
+                             max_new_tokens=args.new_tokens) for _ in range(args.paged_slots)]
+  out = dict(model=args.retro_model, dtype=args.dtype, page_size=args.kv_page_size, slots=args.paged_slots)
+  out["short"] = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, **_paged_vs_dense(
+      model, config, short, args.paged_slots, _pow2(args.prompt_len + args.new_tokens), args))
+  print(json.dumps({"paged_short": out["short"]}), flush=True)
+  traces = [t for t in (1024, 2048, 4096, 8192, 16384, 32768) if t <= args.paged_max_trace]
+  records = _retro_records(config, traces, rollouts=8, rollout_tokens=args.rollout_tokens)
+  max_len = -(-(64 + traces[-1] + args.rollout_tokens) // 1024) * 1024
+  out["long"] = dict(traces=traces, rollouts_per_trace=8, rollout_tokens=args.rollout_tokens, max_seq_len=max_len,
+                     **_paged_vs_dense(model, config, records, args.paged_slots, max_len, args))
+  print(json.dumps({"paged_long": out["long"]}), flush=True)
+  quarter = _paged_vs_dense(model, config, records, args.paged_slots, max_len, args, pool_fraction=0.25)
+  out["long_quarter_pool"] = dict(paged=quarter["paged"], identical_outputs=quarter["identical_outputs"])
+  print(json.dumps({"paged_long_quarter_pool": out["long_quarter_pool"]}), flush=True)
+  if args.paged_parity_model:
+    out["parity"] = paged_parity(args.paged_parity_model, args)
+  return out
+
+
+def paged_parity(name: str, args) -> dict:
+  """Greedy tokens of a paged pool vs dense rows on a bigger model: n samples, a prefix-cache hit, and a pool of 12
+  pages for 4 slots whose samples need up to 4 each (waiting and preemption)."""
+  config = _config(name, args.dtype)
+  model = _our_model(config)
+  rng = np.random.default_rng(1)
+  shared = rng.integers(0, config.vocab_size, 150).tolist()
+  requests = [GenerationRequest(prompt_tokens=tuple(shared), max_new_tokens=40, n=2),  # n samples
+              GenerationRequest(prompt_tokens=tuple(shared + [7, 8, 9]), max_new_tokens=40),  # a prefix-cache hit
+              GenerationRequest(prompt_tokens=tuple(rng.integers(0, config.vocab_size, 200).tolist()),
+                                max_new_tokens=40)]
+  page = args.kv_page_size
+  max_len = 256
+  options = dict(_engine_options(args), max_concurrent_decodes=4, max_seq_len=max_len, eos_token_ids=())
+  dense = Driver(Qwen2Engine(model, **dict(options, kv_page_size=0)), _NullTokenizer(), progress=False)
+  pool_pages = 12
+  paged_engine = Qwen2Engine(model, **options, kv_memory_bytes=pool_pages * page * bytes_per_token(config))
+  paged = Driver(paged_engine, _NullTokenizer(), progress=False)
+  tokens = lambda driver: [[s.tokens for s in r.samples] for r in driver.generate(requests)]
+  expected, got = tokens(dense), tokens(paged)
+  out = dict(model=name, page_size=page, pool_pages=paged_engine.pages_per_shard,
+             pages_needed_unshared=sum(r.n * pages_for(len(r.prompt_tokens) + 40, page) for r in requests),
+             identical_outputs=expected == got, preemptions=paged.stats.preemptions,
+             recomputed_tokens=paged.stats.recomputed_tokens, prompt_tokens_computed=paged.stats.prompt_tokens_computed,
+             prompt_tokens=paged.stats.prompt_tokens, peak_kv_pages=paged.stats.peak_kv_pages)
+  print(json.dumps({"paged_parity": out}), flush=True)
+  return out
+
+
 def _environment() -> dict:
   versions = {}
   for package in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
@@ -313,6 +419,11 @@ def main(argv=None) -> None:
   parser.add_argument("--trace-tokens", type=int, default=2048)
   parser.add_argument("--rollout-tokens", type=int, default=128 if on_gpu else 32)
   parser.add_argument("--retro-slots", type=int, default=16 if on_gpu else 8)
+  parser.add_argument("--kv-page-size", type=int, default=64, help="0: dense rows (the decode and retro runs)")
+  parser.add_argument("--paged-slots", type=int, default=64)
+  parser.add_argument("--paged-max-trace", type=int, default=32768)
+  parser.add_argument("--paged-parity-model", default="0.5b", help="'' skips the parity run")
+  parser.add_argument("--only", nargs="+", choices=("decode", "retro", "paged"), default=("decode", "retro", "paged"))
   parser.add_argument("--out", default=f"runs/benchmarks/decode_{jax.default_backend()}.json")
   args = parser.parse_args(argv)
   runs = args.runs or (["0.5b:1,8,64,256", "1.5b:1,8,64,256"] if on_gpu else ["tiny:1,8", "0.5b:8"])
@@ -323,18 +434,26 @@ def main(argv=None) -> None:
   bandwidth = copy_bandwidth(args.copy_mib)
   report["copy_bandwidth_GBps"] = {k: v / 1e9 for k, v in bandwidth.items()}
   bw = bandwidth["limit"]
-  report["decode"] = []
-  for run in runs:
-    name, batches = run.split(":")
-    report["decode"].extend(bench_decode(name, [int(b) for b in batches.split(",")], args, bw,
-                                         "cuda" if on_gpu else "cpu"))
-  report["retro_search"] = bench_retro_search(args)
-  report["targets"] = dict(
-      cpu_batch8_speedup_ge_1_5={f"{r['model']}": r.get("speedup_tok_s") for r in report["decode"]
-                                 if r["batch"] == 8 and jax.default_backend() == "cpu"},
-      gpu_bandwidth_fraction_ge_0_6_at_batch_ge_64={f"{r['model']}:{r['batch']}": r["bandwidth"]["fraction"]
-                                                    for r in report["decode"] if r["batch"] >= 64 and on_gpu},
-      prefill_reduction_ge_3=report["retro_search"]["prefill_reduction"])
+  report["decode"], report["targets"] = [], {}
+  if "decode" in args.only:
+    for run in runs:
+      name, batches = run.split(":")
+      report["decode"].extend(bench_decode(name, [int(b) for b in batches.split(",")], args, bw,
+                                           "cuda" if on_gpu else "cpu"))
+    report["targets"].update(
+        cpu_batch8_speedup_ge_1_5={f"{r['model']}": r.get("speedup_tok_s") for r in report["decode"]
+                                   if r["batch"] == 8 and jax.default_backend() == "cpu"},
+        gpu_bandwidth_fraction_ge_0_6_at_batch_ge_64={f"{r['model']}:{r['batch']}": r["bandwidth"]["fraction"]
+                                                      for r in report["decode"] if r["batch"] >= 64 and on_gpu})
+  if "retro" in args.only:
+    report["retro_search"] = bench_retro_search(args)
+    report["targets"]["prefill_reduction_ge_3"] = report["retro_search"]["prefill_reduction"]
+  if "paged" in args.only:
+    paged = report["paged"] = bench_paged(args)
+    report["targets"].update(
+        paged_identical_outputs=all(paged[k]["identical_outputs"] for k in ("short", "long", "long_quarter_pool")
+                                    ) and paged.get("parity", {}).get("identical_outputs", True),
+        paged_short_decode_tok_s_ratio_ge_0_9=paged["short"]["decode_tok_s_paged_over_dense"])
   report["total_s"] = time.perf_counter() - started
   write_json(args.out, report)
   print(f"wrote {args.out} in {report['total_s']:.0f} s")

@@ -268,7 +268,7 @@ def test_sharded_greedy_equals_single_device(model, engine, data, tensor, page):
                                       **{**ENGINE_KW, "kv_page_size": page})
   assert tokens(sharded) == tokens(Driver(engine, StubTokenizer(), progress=False))
   keys = sharded.engine.init_decode_state().cache.keys
-  if page:  # [layers, kv heads, pages, page, head dim]: pages split like the slots, KV heads over tensor
-    assert keys.sharding.shard_shape(keys.shape) == (2, 2 // tensor, keys.shape[2] // data, 8, 16)
+  if page:  # [kv heads, layers, pages, page, head dim]: pages split like the slots, KV heads over tensor
+    assert keys.sharding.shard_shape(keys.shape) == (2 // tensor, 2, keys.shape[2] // data, 8, 16)
   else:  # [layers, slots, ...]: slots over data, KV heads over tensor
     assert keys.sharding.shard_shape(keys.shape)[1:] == (8 // data, 64, 2 // tensor, 16)

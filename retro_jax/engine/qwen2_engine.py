@@ -45,7 +45,7 @@ class DecodeState:
   """Everything the decode loop carries, one row per slot."""
 
   # dense rows: keys/values [num_layers, b, max_seq_len, kv_heads, head_dim]; or a paged pool
-  # [num_layers, kv_heads, pages, page_size, head_dim] with page tables [b, pages_per_slot]; lengths [b] = filled
+  # [kv_heads, num_layers, pages, page_size, head_dim] with page tables [b, pages_per_slot]; lengths [b] = filled
   cache: KVCache | PagedKVCache
   tokens: jax.Array  # [b] int32, the last generated token (input of the next step)
   generated: jax.Array  # [b] int32, tokens generated so far
@@ -150,7 +150,7 @@ class Qwen2Engine(Engine):
     rows = self._sharding((b,), ("batch",), "decode slots")
     rows2 = self._sharding((b, cfg.vocab_size), ("batch", None), "decode slots")
     if self.page_size:
-      pool_shape = (cfg.num_layers, cfg.num_kv_heads, self.pages_per_shard * self.page_shards, self.page_size,
+      pool_shape = (cfg.num_kv_heads, cfg.num_layers, self.pages_per_shard * self.page_shards, self.page_size,
                     cfg.head_dim)
       pool = self._sharding(pool_shape, PAGED_CACHE_AXES, "paged KV pool (pages x kv_heads)")
       self._table_sharding = self._sharding((b, self.pages_per_slot), ("batch", None), "decode slots")
@@ -253,7 +253,7 @@ class Qwen2Engine(Engine):
       positions = jnp.arange(prefix.cache.max_len)
       page, offset = pages[positions // self.page_size], positions % self.page_size
       put = lambda pool, rows: pool.at[:, :, page, offset].set(
-          jax.lax.dynamic_index_in_dim(rows, prefix.row, axis=1, keepdims=False).transpose(0, 2, 1, 3), mode="drop")
+          jax.lax.dynamic_index_in_dim(rows, prefix.row, axis=1, keepdims=False).transpose(2, 0, 1, 3), mode="drop")
       return state.replace(cache=state.cache.replace(keys=put(state.cache.keys, prefix.cache.keys),
                                                      values=put(state.cache.values, prefix.cache.values)))
 
@@ -267,7 +267,7 @@ class Qwen2Engine(Engine):
     def gather_pages(cache: PagedKVCache, pages: jax.Array, reused: jax.Array) -> KVCache:
       """A prefix's pages [n] (global ids) gathered into dense [L, 1, n x page_size] rows (a cached prefix
       reused by prefill)."""
-      take = lambda pool: pool[:, :, pages].reshape(pool.shape[:2] + (-1, pool.shape[-1])).transpose(0, 2, 1, 3)
+      take = lambda pool: pool[:, :, pages].reshape(pool.shape[:2] + (-1, pool.shape[-1])).transpose(1, 2, 0, 3)
       return KVCache(keys=take(cache.keys)[:, None], values=take(cache.values)[:, None],
                      lengths=jnp.reshape(reused, (1,)).astype(jnp.int32))
 

@@ -66,9 +66,11 @@ def write_rows(buffer: jax.Array, layer: jax.Array, new: jax.Array, starts: jax.
 
 # ---- paged ------------------------------------------------------------------------------------------------------
 
-# Logical axes of a paged pool. Kv-heads-major, as JAX's Pallas paged-attention kernels (TPU and GPU) take a layer's
-# pages: [kv_heads, pages, page_size, head_dim].
-PAGED_CACHE_AXES = ("layers", "kv_heads", "kv_pages", None, "head_dim")
+# Logical axes of a paged pool. Kv-heads-major, as JAX's Pallas paged-attention kernels (TPU and GPU) take pages:
+# [kv_heads, pages, page_size, head_dim]. Layers sit next to pages, so the whole pool reshapes for free into
+# [kv_heads, layers x pages, ...] and a layer's pages are ids offset by layer x pages: a kernel reads one layer
+# without a copy of it (indexing pool[:, layer] would hand the kernel a copied slice every step).
+PAGED_CACHE_AXES = ("kv_heads", "layers", "kv_pages", None, "head_dim")
 
 
 @struct.dataclass
@@ -82,15 +84,15 @@ class PagedKVCache:
   slots); `num_pages` (one past the last local page) marks an entry with no page: writes there are dropped.
   """
 
-  keys: jax.Array  # [layers, kv_heads, pages, page_size, head_dim]
-  values: jax.Array  # [layers, kv_heads, pages, page_size, head_dim]
+  keys: jax.Array  # [kv_heads, layers, pages, page_size, head_dim]
+  values: jax.Array  # [kv_heads, layers, pages, page_size, head_dim]
   lengths: jax.Array  # [batch] int32, positions filled
   page_table: jax.Array  # [batch, pages_per_slot] int32
 
   @classmethod
   def init(cls, config: Qwen2Config, batch: int, pages_per_slot: int, num_pages: int, page_size: int,
            dtype=None) -> PagedKVCache:
-    shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
+    shape = (config.num_kv_heads, config.num_layers, num_pages, page_size, config.head_dim)
     dtype = dtype or config.jnp_dtype
     return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32),
                page_table=jnp.full((batch, pages_per_slot), num_pages, jnp.int32))
@@ -101,7 +103,7 @@ class PagedKVCache:
 
   @property
   def num_pages(self) -> int:
-    return self.keys.shape[2]
+    return self.keys.shape[2]  # per layer
 
   @property
   def max_len(self) -> int:
@@ -113,9 +115,15 @@ class PagedKVCache:
 
 
 def write_pages(pool: jax.Array, layer: jax.Array, new: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
-  """pool [L, k, P, page, h] with new [m, k, h] written into layer `layer` at (pages[i], offsets[i]) [m].
+  """pool [k, L, P, page, h] with new [m, k, h] written into layer `layer` at (pages[i], offsets[i]) [m].
 
   One scatter; entries whose page is out of range (the table's "no page" marker) are dropped, which is how a free
   or finished slot's step writes nothing.
   """
-  return pool.at[layer, :, pages, offsets].set(new.astype(pool.dtype), mode="drop")
+  return pool.at[:, layer, pages, offsets].set(new.astype(pool.dtype).transpose(1, 0, 2), mode="drop")
+
+
+def layer_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(pool as [k, L x P, page, h], page_table's ids of layer `layer` in it): a free reshape, no copy of a layer."""
+  k, num_layers, num_pages = pool.shape[:3]
+  return pool.reshape((k, num_layers * num_pages) + pool.shape[3:]), page_table + layer * num_pages

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from retro_jax import sharding
 from retro_jax.models.attention import platform
 from retro_jax.models.config import PAGED_ATTENTION_IMPLEMENTATIONS
-from retro_jax.models.kv_cache import PAGED_CACHE_AXES, write_pages
+from retro_jax.models.kv_cache import PAGED_CACHE_AXES, layer_pages, write_pages
 
 
 def gather_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
@@ -48,6 +48,8 @@ def _largest_divisor_up_to(n: int, cap: int) -> int:
 
 
 def tpu_kernel_attention(q, k_pages, v_pages, page_table, lengths, pages_per_compute_block: int = 8):
+  """The TPU kernel. Mosaic needs head_dim a multiple of 128 ("auto" falls back to "gather" otherwise) and does not
+  lower under jax_default_matmul_precision="highest" (an f32 x bf16 dot)."""
   from jax.experimental.pallas.ops.tpu import paged_attention as tpu  # pylint: disable=import-outside-toplevel
   block = _largest_divisor_up_to(page_table.shape[1], pages_per_compute_block)
   out = tpu.paged_attention(q * (q.shape[-1] ** -0.5), k_pages, v_pages, jnp.maximum(lengths, 1), page_table,
@@ -72,8 +74,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
   q [b, n, h]; k/v_pages [k, P, page, h]; page_table [b, p] int32 with entries in [0, P); lengths [b] int32.
   """
-  if implementation == "auto":
-    implementation = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform(), "gather")
+  implementation = _resolve(implementation, q.shape[-1])
   fn = {"gather": gather_attention, "pallas_tpu": tpu_kernel_attention, "pallas_gpu": gpu_kernel_attention}.get(
       implementation)
   if fn is None:
@@ -81,17 +82,27 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   return fn(q, k_pages, v_pages, page_table, lengths)
 
 
+def _resolve(implementation: str, head_dim: int) -> str:
+  if implementation != "auto":
+    return implementation
+  kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform(), "gather")
+  return "gather" if kernel == "pallas_tpu" and head_dim % 128 else kernel
+
+
 def _update_and_attend(q, k, v, pool_k, pool_v, layer, page_table, starts, active, implementation):
   """Per device: write k/v [b, k, h] at each active slot's position `starts`, then attend over [0, starts]."""
   num_pages, page_size = pool_k.shape[2], pool_k.shape[3]
-  page = jnp.take_along_axis(page_table, (starts // page_size)[:, None], axis=1, mode="clip")[:, 0]
+  page = jnp.take_along_axis(page_table, (starts // page_size)[:, None], axis=1, mode="fill",
+                             fill_value=num_pages)[:, 0]  # a position past the table is dropped, not clamped
   page = jnp.where(active, page, num_pages)  # inactive slots write nothing
   offset = starts % page_size
   pool_k = write_pages(pool_k, layer, k, page, offset)
   pool_v = write_pages(pool_v, layer, v, page, offset)
   readable = jnp.minimum(page_table, num_pages - 1)  # "no page" entries lie past the length: any page will do
   lengths = jnp.where(active, starts + 1, 0)
-  out = paged_decode_attention(q, pool_k[layer], pool_v[layer], readable, lengths, implementation)
+  k_pages, table = layer_pages(pool_k, layer, readable)
+  v_pages, _ = layer_pages(pool_v, layer, readable)
+  out = paged_decode_attention(q, k_pages, v_pages, table, lengths, implementation)
   return out, pool_k, pool_v
 
 
@@ -99,9 +110,8 @@ def paged_update_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, pool_k: ja
                             layer: jax.Array, page_table: jax.Array, starts: jax.Array, active: jax.Array,
                             implementation: str = "auto"):
   """One decode step of one layer: q [b, n, h], k/v [b, k, h] at positions starts [b] (written where active [b]);
-  pools [L, k, P, page, h] -> (out [b, n, h], pool_k, pool_v)."""
-  if implementation == "auto":
-    implementation = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform(), "gather")
+  pools [k, L, P, page, h] -> (out [b, n, h], pool_k, pool_v)."""
+  implementation = _resolve(implementation, q.shape[-1])
   body = functools.partial(_update_and_attend, implementation=implementation)
   active_mesh = sharding.active()
   if active_mesh is None or active_mesh[0].size == 1:
