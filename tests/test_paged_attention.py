@@ -63,16 +63,18 @@ def inputs(seed=0):
   return q, k_pages, v_pages, table, np.asarray(LENGTHS, np.int32)
 
 
-def test_gather_attention_matches_a_float64_reference():
+@pytest.mark.parametrize("block", [512, 8, 16])  # the whole table at once; 1 and 2 pages per step of the loop
+def test_gather_attention_matches_a_float64_reference(block):
   q, k_pages, v_pages, table, lengths = inputs()
-  out = np.asarray(jax.jit(gather_attention)(q, k_pages, v_pages, table, lengths))
+  out = np.asarray(jax.jit(gather_attention, static_argnums=5)(q, k_pages, v_pages, table, lengths, block))
   np.testing.assert_allclose(out, reference(q, k_pages, v_pages, table, lengths), atol=1e-5, rtol=1e-5)
   assert (out[0] == 0).all()  # length 0: exactly zero, not a NaN or a mean of garbage
   # a page outside the table changes nothing (only the table's pages are read)
   unused = sorted(set(range(TOTAL_PAGES)) - set(table.ravel().tolist()))
   k2, v2 = k_pages.copy(), v_pages.copy()
   k2[:, unused], v2[:, unused] = 1e3, -1e3
-  np.testing.assert_array_equal(np.asarray(jax.jit(gather_attention)(q, k2, v2, table, lengths)), out)
+  np.testing.assert_array_equal(np.asarray(jax.jit(gather_attention, static_argnums=5)(q, k2, v2, table, lengths,
+                                                                                        block)), out)
 
 
 @pytest.mark.parametrize("pages_per_compute_block", [8, 2])  # one k-split of 4 pages; two of 2 pages

@@ -26,20 +26,43 @@ from retro_jax.models.config import PAGED_ATTENTION_IMPLEMENTATIONS
 from retro_jax.models.kv_cache import PAGED_CACHE_AXES, layer_pages, write_pages
 
 
+GATHER_BLOCK = 512  # positions the pure-JAX path gathers per step of its loop over a slot's pages
+
+
 def gather_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-                     lengths: jax.Array) -> jax.Array:
+                     lengths: jax.Array, block: int = GATHER_BLOCK) -> jax.Array:
   """q [b, n, h]; k/v_pages [k, P, page, h]; page_table [b, p] (in range); lengths [b] -> [b, n, h] in q.dtype.
 
-  A slot of length 0 averages nothing and gets 0."""
+  A loop over the table `block` positions at a time with an online softmax (as the kernels and the blockwise
+  training path do): each step gathers [b, block] keys and values, so no [b, p x page] copy of every slot's pages
+  is written and read back (on CPU that copy made decode at 32k contexts 0.59x the dense rows' speed; see
+  benchmarks/results/decode_paged_cpu.json). A slot of length 0 averages nothing and gets 0."""
+  q, k_pages, v_pages, page_table, lengths = map(jnp.asarray, (q, k_pages, v_pages, page_table, lengths))
   b, n, h = q.shape
   kv_heads, _, page_size, _ = k_pages.shape
-  seen = lambda pages: pages[:, page_table].reshape(kv_heads, b, -1, h)  # [k, b, p * page, h]
-  keys, values = seen(k_pages), seen(v_pages)
+  per_block = max(1, min(page_table.shape[1], block // page_size))
+  table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % per_block)))  # padding: page 0, past every length
   qg = q.reshape(b, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("bkgh,kbsh->bkgs", qg, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
-  mask = (jnp.arange(keys.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
-  probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1), 0.0)
-  out = jnp.einsum("bkgs,kbsh->bkgh", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+
+  def step(i, carry):
+    peak, denom, acc = carry
+    ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)
+    seen = lambda pages: pages[:, ids].reshape(kv_heads, b, per_block * page_size, h)  # [k, b, block, h]
+    keys, values = seen(k_pages), seen(v_pages)
+    scores = jnp.einsum("bkgh,kbsh->bkgs", qg, keys, preferred_element_type=jnp.float32) * (h ** -0.5)
+    position = i * per_block * page_size + jnp.arange(per_block * page_size)
+    scores = jnp.where((position[None, :] < lengths[:, None])[:, None, None, :], scores, -jnp.inf)
+    new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1))
+    safe = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)
+    p = jnp.exp(scores - safe[..., None])
+    correction = jnp.exp(peak - safe)
+    pv = jnp.einsum("bkgs,kbsh->bkgh", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return new_peak, denom * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+  shape = qg.shape[:3]
+  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(qg.shape, jnp.float32))
+  _, denom, acc = jax.lax.fori_loop(0, table.shape[1] // per_block, step, init)
+  out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
   return out.reshape(b, n, h).astype(q.dtype)
 
 
