@@ -24,6 +24,8 @@ Paged KV vs dense rows (`paged`), the same driver and model, greedy so outputs m
   CPU): KV bytes dense rows reserve vs the most the paged pool held,
   then the same records on a paged pool of half that peak (requests wait or are preempted);
 - parity on `--paged-parity-model` (default the 0.5B shape): n samples, a prefix-cache hit and an exhausted pool.
+int8 KV (`int8`): an int8 paged pool against a bfloat16 one on that shape in bfloat16, greedy: samples whose tokens
+all match, where the others first differ, the largest log-prob difference before that.
 
 CPU (about 5 minutes on 2 cores):
   python benchmarks/decode.py --out runs/benchmarks/decode_cpu.json
@@ -369,6 +371,37 @@ def bench_paged(args) -> dict:
   return out
 
 
+def int8_vs_bf16(name: str, args, prompts: int = 4, prompt_len: int = 200, new_tokens: int = 64) -> dict:
+  """The int8 pool's error against a bfloat16 one (model in bfloat16, greedy): how many samples keep every token,
+  where the others first differ, and the largest log-prob difference of the tokens before that (same contexts)."""
+  config = _config(name, "bfloat16")
+  model = _our_model(config)
+  rng = np.random.default_rng(2)
+  requests = [GenerationRequest(prompt_tokens=tuple(rng.integers(0, config.vocab_size, prompt_len).tolist()),
+                                max_new_tokens=new_tokens) for _ in range(prompts)]
+  options = dict(_engine_options(args), max_concurrent_decodes=prompts, max_seq_len=_pow2(prompt_len + new_tokens),
+                 eos_token_ids=())
+  runs = {}
+  for kv_dtype in ("", "int8"):
+    engine = Qwen2Engine(model, **options, kv_dtype=kv_dtype)
+    runs[kv_dtype or "bfloat16"] = (engine.kv_budget.bytes_per_position,
+                                    [r.samples[0] for r in Driver(engine, _NullTokenizer(), progress=False)
+                                     .generate(requests)])
+  (bf16_bytes, reference), (int8_bytes, quantized) = runs["bfloat16"], runs["int8"]
+  first_difference, logprob_error = [], 0.0
+  for a, b in zip(reference, quantized):
+    same = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
+    first_difference.append(same)
+    if same:
+      logprob_error = max(logprob_error, float(np.abs(np.subtract(a.logprobs[:same], b.logprobs[:same])).max()))
+  out = dict(model=name, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
+             kv_bytes_per_position=dict(bfloat16=bf16_bytes, int8=int8_bytes),
+             identical_samples=sum(d == new_tokens for d in first_difference), first_difference=first_difference,
+             max_abs_logprob_difference_up_to_it=logprob_error)
+  print(json.dumps({"int8_vs_bfloat16": out}), flush=True)
+  return out
+
+
 def paged_parity(name: str, args) -> dict:
   """Greedy tokens of a paged pool vs dense rows on a bigger model: n samples, a prefix-cache hit, and a pool of 8
   pages for 4 slots whose samples need 3-4 each (waiting and preemption)."""
@@ -438,7 +471,8 @@ def main(argv=None) -> None:
   parser.add_argument("--paged-slots", type=int, default=64)
   parser.add_argument("--paged-max-trace", type=int, default=32768)
   parser.add_argument("--paged-parity-model", default="0.5b", help="'' skips the parity run")
-  parser.add_argument("--only", nargs="+", choices=("decode", "retro", "paged"), default=("decode", "retro", "paged"))
+  parser.add_argument("--only", nargs="+", choices=("decode", "retro", "paged", "int8"),
+                      default=("decode", "retro", "paged", "int8"))
   parser.add_argument("--out", default=f"runs/benchmarks/decode_{jax.default_backend()}.json")
   args = parser.parse_args(argv)
   runs = args.runs or (["0.5b:1,8,64,256", "1.5b:1,8,64,256"] if on_gpu else ["tiny:1,8", "0.5b:8"])
@@ -469,6 +503,8 @@ def main(argv=None) -> None:
         paged_identical_outputs=all(paged[k]["identical_outputs"] for k in ("short", "long", "long_tight_pool")
                                     ) and paged.get("parity", {}).get("identical_outputs", True),
         paged_short_decode_tok_s_ratio_ge_0_9=paged["short"]["decode_tok_s_paged_over_dense"])
+  if "int8" in args.only:
+    report["int8_vs_bfloat16"] = int8_vs_bf16(args.paged_parity_model or "0.5b", args)
   report["total_s"] = time.perf_counter() - started
   write_json(args.out, report)
   print(f"wrote {args.out} in {report['total_s']:.0f} s")

@@ -6,10 +6,12 @@ The engine runs bfloat16 with tensor parallelism over the host's 4 chips (the 7B
 What that gives, from kv_budget's own arithmetic with a v5p chip's 95 GB (a plan compile of the serving
 programs is `retro-jax plan`'s job and is not quoted here):
 - R1-Distill-Qwen-7B: 3.8 GB of weights per chip, 14,336 B of KV per position per chip: 64 slots x 32,768
-  tokens take 30.1 GB of a 45.6 GB budget: all 64 slots;
+  tokens take 30.1 GB of a 45.6 GB budget: all 64 slots (the paged pool is capped at what dense rows would take);
 - R1-Distill-Qwen-32B (--config.model=/mnt/disks/models/DeepSeek-R1-Distill-Qwen-32B): 16.4 GB of weights and
-  65,536 B per position per chip: 64 x 32k would need 137 GB, so the budget (39.3 GB) takes 18 slots. A paged
-  KV cache (issue 13, not built yet) is what would let more short rollouts share that memory.
+  65,536 B per position per chip: 64 x 32k would need 137 GB of dense rows (18 slots would fit the 39.3 GB
+  budget), but the KV is a paged pool (`engine.kv_page_size` 64, engine/paging.py): 9,369 pages of 64 positions
+  (599,616 positions, 39.3 GB) shared by 64 slots, which take pages as their rollouts grow; when the pool runs
+  out, rollouts wait or the newest is preempted and recomputed later (kv_budget.describe's arithmetic).
 `engine.tensor` is the per-replica chip count of the multi-host rollout work (issue of the pod helper); without
 it the engine runs on one chip and the budget shrinks the slots accordingly, with a start-up line saying so.
 

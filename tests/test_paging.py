@@ -1,6 +1,6 @@
 """The paged KV pool: host page accounting (page_pool.py), and the driver over a paged engine (paging.py) giving
 the same tokens and log-probs as dense rows, for n samples sharing a prompt's pages, prefix-cache hits that share
-cached pages, and a pool too small for the work (requests wait, samples are preempted and recomputed).
+cached pages, and a pool too small for the work (requests wait, samples are preempted and recomputed); an int8 pool.
 
 The reference is the dense engine (one max_seq_len row per slot) on the same model, itself checked against
 transformers and a full forward in tests/test_engine.py.
@@ -49,10 +49,11 @@ def dense(model):
   return Qwen2Engine(model, max_concurrent_decodes=4, eos_token_ids=(), **{**ENGINE_KW, "kv_page_size": 0})
 
 
-def paged_engine(model, pages: int) -> Qwen2Engine:
+def paged_engine(model, pages: int, kv_dtype: str = "") -> Qwen2Engine:
   """A paged engine whose budget holds exactly `pages` pages (max_seq_len 64 needs 8)."""
-  return Qwen2Engine(model, max_concurrent_decodes=4, eos_token_ids=(),
-                     kv_memory_bytes=pages * PAGE * bytes_per_token(CONFIG), **{**ENGINE_KW, "kv_page_size": PAGE})
+  return Qwen2Engine(model, max_concurrent_decodes=4, eos_token_ids=(), kv_dtype=kv_dtype,
+                     kv_memory_bytes=pages * PAGE * bytes_per_token(CONFIG, kv_dtype or None),
+                     **{**ENGINE_KW, "kv_page_size": PAGE})
 
 
 def same_samples(got, expected):
@@ -121,3 +122,22 @@ def test_an_exhausted_pool_makes_requests_wait_and_preempts_without_changing_out
 def test_a_pool_without_room_for_one_sequence_is_refused(model):
   with pytest.raises(KVBudgetError, match="one sequence of 64 tokens needs 16.4 KB of KV per device"):
     paged_engine(model, 7)
+
+
+def test_int8_pages_keep_greedy_tokens_at_less_than_half_the_bytes(model):
+  """An int8 pool (a float32 scale per position and KV head) next to the float32 one: 96 B per position instead of
+  256 here (head_dim 8: 8 + 4 bytes per head and layer, vs 32), the same greedy tokens on this sharp-margin model,
+  log-probs within the quantization's reach."""
+  requests = [GenerationRequest(prompt_tokens=p, max_new_tokens=20, n=2 if i == 0 else 1)
+              for i, p in enumerate(prompts([20, 13, 26], seed=7))]
+  run = lambda kv_dtype: Driver(paged_engine(model, 32, kv_dtype=kv_dtype), StubTokenizer(), progress=False)
+  full, int8 = run(""), run("int8")
+  assert int8.engine.kv_budget.bytes_per_position == 2 * 2 * 2 * (8 + 4) == 96
+  assert full.engine.kv_budget.bytes_per_position == 256
+  expected, got = full.generate(requests), int8.generate(requests)
+  assert [[s.tokens for s in r.samples] for r in got] == [[s.tokens for s in r.samples] for r in expected]
+  error = max(np.abs(np.subtract(a.logprobs, b.logprobs)).max()
+              for r, e in zip(got, expected) for a, b in zip(r.samples, e.samples))
+  assert 0 < error < 0.05
+  with pytest.raises(KVBudgetError, match="kv_dtype must be '' or 'int8'"):
+    Qwen2Engine(model, kv_dtype="int8", **{**ENGINE_KW, "kv_page_size": 0})

@@ -142,14 +142,16 @@ class KVBudget:
 
 
 def kv_budget(config: Qwen2Config, weight_bytes: int, mesh, rules, *,
-              kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0) -> KVBudget:
-  """The per-device KV budget of an engine on `mesh` whose weights take `weight_bytes` per device."""
+              kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0,
+              kv_dtype=None) -> KVBudget:
+  """The per-device KV budget of an engine on `mesh` whose weights take `weight_bytes` per device (KV stored in
+  `kv_dtype`, default the model's compute dtype)."""
   from retro_jax.sharding import axis_size  # pylint: disable=import-outside-toplevel
   if kv_memory_bytes < 0 or not 0 < kv_memory_fraction <= 1:
     raise KVBudgetError(f"engine.kv_memory_fraction must be in (0, 1] and engine.kv_memory_bytes >= 0, got "
                         f"{kv_memory_fraction} and {kv_memory_bytes}")
   slot_shards = axis_size(mesh, rules.rules.get("batch"))
-  position = bytes_per_token(config) // axis_size(mesh, rules.rules.get("kv_heads"))
+  position = bytes_per_token(config, kv_dtype) // axis_size(mesh, rules.rules.get("kv_heads"))
   if kv_memory_bytes:
     return KVBudget(kv_memory_bytes, position, slot_shards, "engine.kv_memory_bytes")
   free, how = free_device_memory(mesh.devices.flat[0], weight_bytes)
@@ -158,12 +160,12 @@ def kv_budget(config: Qwen2Config, weight_bytes: int, mesh, rules, *,
 
 def plan_slots(config: Qwen2Config, state, mesh, rules, *, max_concurrent_decodes: int, max_seq_len: int,
                kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0,
-               page_size: int = 0) -> tuple[KVBudget, int]:
+               page_size: int = 0, kv_dtype=None) -> tuple[KVBudget, int]:
   """(budget, slots) for an engine with params `state` (concrete or abstract) on `mesh`: `max_concurrent_decodes`
   0 becomes the slots that fit; raises KVBudgetError when the slots x max_seq_len do not fit (dense rows), or
   when one max_seq_len sequence does not fit the pool (`page_size` > 0)."""
   budget = kv_budget(config, per_device_weight_bytes(state, mesh, rules), mesh, rules,
-                     kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes)
+                     kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes, kv_dtype=kv_dtype)
   if page_size:
     budget.check_pool(max_seq_len, page_size)
     return budget, max_concurrent_decodes or budget.paged_slots_that_fit(max_seq_len, page_size)

@@ -34,7 +34,7 @@ from retro_jax.engine import kv_budget
 from retro_jax.engine import sampling as sampling_lib
 from retro_jax.engine.api import Engine, ResultTokens
 from retro_jax.engine.requests import GenerationRequest
-from retro_jax.models.kv_cache import CACHE_AXES, PAGED_CACHE_AXES, KVCache, PagedKVCache
+from retro_jax.models.kv_cache import CACHE_AXES, PAGED_CACHE_AXES, KVCache, PagedKVCache, dequantize, quantize
 from retro_jax.models.qwen2 import Qwen2ForCausalLM
 
 SamplingConfig = sampling_lib.SamplingConfig
@@ -100,6 +100,8 @@ class Qwen2Engine(Engine):
     max_seq_len: KV positions per decode slot: prompt + generated tokens must fit.
     kv_page_size: positions per page of a paged KV pool (0: one dense max_seq_len row per slot). The pool is
       sized from the budget; the driver hands pages to slots as their tokens arrive (engine/page_pool.py).
+    kv_dtype: "int8" stores the paged pool as int8 with a float32 scale per position and KV head (about half of
+      bfloat16's bytes); "" keeps the model's compute dtype.
     kv_memory_fraction, kv_memory_bytes: the per-device KV budget (see kv_budget.py): a byte count when > 0,
       else the fraction of device memory left after the weights. Slots x max_seq_len are checked against it
       before anything is allocated (KVBudgetError).
@@ -115,7 +117,11 @@ class Qwen2Engine(Engine):
                decode_steps: int = 16, eos_token_ids: tuple[int, ...] | None = None, mesh: Mesh | None = None,
                min_prefill_bucket: int = 16, min_attend_bucket: int = 128, max_prefill_batch: int = 8,
                max_prefill_tokens: int = 4096, kv_memory_fraction: float = kv_budget.DEFAULT_KV_MEMORY_FRACTION,
-               kv_memory_bytes: int = 0, kv_page_size: int = 64):
+               kv_memory_bytes: int = 0, kv_page_size: int = 64, kv_dtype: str = ""):
+    if kv_dtype not in ("", "int8") or (kv_dtype and not kv_page_size):
+      raise kv_budget.KVBudgetError(f"engine.kv_dtype must be '' or 'int8' (int8 with a paged pool, "
+                                    f"engine.kv_page_size > 0), got {kv_dtype!r} with kv_page_size {kv_page_size}")
+    self.kv_dtype = jnp.dtype(kv_dtype) if kv_dtype else None
     self.config = model.config
     self._mesh = mesh if mesh is not None else sharding_lib.make_mesh(devices=jax.devices()[:1])
     self._rules = sharding_lib.SERVE_RULES
@@ -125,7 +131,7 @@ class Qwen2Engine(Engine):
     self.kv_budget, self._batch = kv_budget.plan_slots(
         self.config, nnx.state(model), self._mesh, self._rules, max_concurrent_decodes=max_concurrent_decodes,
         max_seq_len=max_seq_len, kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes,
-        page_size=kv_page_size)
+        page_size=kv_page_size, kv_dtype=self.kv_dtype)
     self._max_len = max_seq_len
     self.page_size = kv_page_size
     if kv_page_size:
@@ -154,7 +160,11 @@ class Qwen2Engine(Engine):
                     cfg.head_dim)
       pool = self._sharding(pool_shape, PAGED_CACHE_AXES, "paged KV pool (pages x kv_heads)")
       self._table_sharding = self._sharding((b, self.pages_per_slot), ("batch", None), "decode slots")
-      cache = PagedKVCache(keys=pool, values=pool, lengths=rows, page_table=self._table_sharding)
+      scales = None
+      if self.kv_dtype is not None:
+        scales = self._sharding(pool_shape[:4], PAGED_CACHE_AXES[:4], "paged KV pool scales")
+      cache = PagedKVCache(keys=pool, values=pool, lengths=rows, page_table=self._table_sharding, key_scales=scales,
+                           value_scales=scales)
     else:
       kv_shape = (cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
       kv = self._sharding(kv_shape, CACHE_AXES, "decode KV cache (max_concurrent_decodes x kv_heads)")
@@ -185,7 +195,7 @@ class Qwen2Engine(Engine):
     def init_state() -> DecodeState:
       if self.page_size:
         cache = PagedKVCache.init(cfg, batch, self.pages_per_slot, self.pages_per_shard * self.page_shards,
-                                  self.page_size)
+                                  self.page_size, self.kv_dtype)
       else:
         cache = KVCache.init(cfg, batch, max_len)
       return DecodeState(cache=cache, tokens=jnp.zeros((batch,), jnp.int32),
@@ -252,10 +262,14 @@ class Qwen2Engine(Engine):
       range = shared or absent: not written)."""
       positions = jnp.arange(prefix.cache.max_len)
       page, offset = pages[positions // self.page_size], positions % self.page_size
-      put = lambda pool, rows: pool.at[:, :, page, offset].set(
-          jax.lax.dynamic_index_in_dim(rows, prefix.row, axis=1, keepdims=False).transpose(2, 0, 1, 3), mode="drop")
-      return state.replace(cache=state.cache.replace(keys=put(state.cache.keys, prefix.cache.keys),
-                                                     values=put(state.cache.values, prefix.cache.values)))
+      put = lambda pool, new: pool.at[:, :, page, offset].set(new.astype(pool.dtype), mode="drop")
+      row = lambda rows: jax.lax.dynamic_index_in_dim(rows, prefix.row, axis=1, keepdims=False).transpose(2, 0, 1, 3)
+      cache, keys, values = state.cache, row(prefix.cache.keys), row(prefix.cache.values)  # [k, L, Lp, h]
+      if cache.key_scales is not None:  # int8 pool
+        (keys, key_scales), (values, value_scales) = quantize(keys), quantize(values)
+        cache = cache.replace(key_scales=put(cache.key_scales, key_scales),
+                              value_scales=put(cache.value_scales, value_scales))
+      return state.replace(cache=cache.replace(keys=put(cache.keys, keys), values=put(cache.values, values)))
 
     def insert_paged(prefix: Prefix, state: DecodeState, slot, sample, token, generated, budget, table_row,
                      pages) -> DecodeState:
@@ -267,8 +281,11 @@ class Qwen2Engine(Engine):
     def gather_pages(cache: PagedKVCache, pages: jax.Array, reused: jax.Array) -> KVCache:
       """A prefix's pages [n] (global ids) gathered into dense [L, 1, n x page_size] rows (a cached prefix
       reused by prefill)."""
-      take = lambda pool: pool[:, :, pages].reshape(pool.shape[:2] + (-1, pool.shape[-1])).transpose(1, 2, 0, 3)
-      return KVCache(keys=take(cache.keys)[:, None], values=take(cache.values)[:, None],
+      take = lambda pool, scales: dequantize(pool[:, :, pages], None if scales is None else scales[:, :, pages],
+                                             cfg.jnp_dtype).reshape(pool.shape[:2] + (-1, pool.shape[-1])
+                                                                    ).transpose(1, 2, 0, 3)
+      return KVCache(keys=take(cache.keys, cache.key_scales)[:, None],
+                     values=take(cache.values, cache.value_scales)[:, None],
                      lengths=jnp.reshape(reused, (1,)).astype(jnp.int32))
 
     def generate(params, state: DecodeState, page_table: jax.Array | None, attend_len: int):

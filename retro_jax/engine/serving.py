@@ -41,7 +41,7 @@ def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_
                         dtype: str = "float32", mesh: Mesh | None = None, decode_steps: int = 16,
                         prefix_cache_bytes: int = 1 << 30, progress: bool = True,
                         kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0,
-                        kv_page_size: int = 64) -> Driver:
+                        kv_page_size: int = 64, kv_dtype: str = "") -> Driver:
   """A `TextGenerator` over an HF checkpoint directory (config.json, safetensors, tokenizer files).
 
   `dtype` is both the storage and the compute dtype ("float32", "bfloat16"). EOS ids are the tokenizer's
@@ -49,6 +49,7 @@ def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_
   0 takes as many slots as the KV budget (`kv_memory_fraction` / `kv_memory_bytes`, kv_budget.py) holds;
   slots that do not fit raise `KVBudgetError` before any KV is allocated. `kv_page_size` > 0 makes the budget a
   pool of pages that slots take as their tokens arrive (engine/paging.py); 0 reserves a dense row per slot.
+  `kv_dtype` "int8" stores that pool as int8 with per-position, per-head scales.
   """
   from retro_jax.tokenization import load_tokenizer  # pylint: disable=import-outside-toplevel
 
@@ -56,7 +57,8 @@ def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_
   eos = tuple(dict.fromkeys(tuple(tokenizer.eos_token_ids) + Qwen2Config.from_pretrained(model_dir).eos_token_ids))
   engine = load_engine(model_dir, mesh=mesh, dtype=dtype, max_concurrent_decodes=max_concurrent_decodes,
                        max_seq_len=max_seq_len, decode_steps=decode_steps, eos_token_ids=eos,
-                       kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes, kv_page_size=kv_page_size)
+                       kv_memory_fraction=kv_memory_fraction, kv_memory_bytes=kv_memory_bytes, kv_page_size=kv_page_size,
+                       kv_dtype=kv_dtype)
   if progress:
     print(f"[engine] {engine.kv_budget.describe(engine.max_concurrent_decodes, engine.max_seq_len, kv_page_size)}",
           file=sys.stderr)

@@ -45,9 +45,10 @@ class KVCache:
 
 
 def bytes_per_token(config: Qwen2Config, dtype=None) -> int:
-  """KV bytes one cached position takes over all layers (keys and values)."""
-  itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
-  return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+  """KV bytes one cached position takes over all layers (keys and values; int8 adds a float32 scale per head)."""
+  dtype = jnp.dtype(dtype or config.jnp_dtype)
+  per_head = config.head_dim * dtype.itemsize + (4 if dtype == jnp.int8 else 0)
+  return 2 * config.num_layers * config.num_kv_heads * per_head
 
 
 def write_rows(buffer: jax.Array, layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
@@ -88,14 +89,19 @@ class PagedKVCache:
   values: jax.Array  # [kv_heads, layers, pages, page_size, head_dim]
   lengths: jax.Array  # [batch] int32, positions filled
   page_table: jax.Array  # [batch, pages_per_slot] int32
+  # int8 pools: float32 [kv_heads, layers, pages, page_size], one scale per position and KV head (key = int8 x scale)
+  key_scales: jax.Array | None = None
+  value_scales: jax.Array | None = None
 
   @classmethod
   def init(cls, config: Qwen2Config, batch: int, pages_per_slot: int, num_pages: int, page_size: int,
            dtype=None) -> PagedKVCache:
     shape = (config.num_kv_heads, config.num_layers, num_pages, page_size, config.head_dim)
-    dtype = dtype or config.jnp_dtype
+    dtype = jnp.dtype(dtype or config.jnp_dtype)
+    scales = (lambda: jnp.ones(shape[:-1], jnp.float32)) if dtype == jnp.int8 else (lambda: None)
     return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32),
-               page_table=jnp.full((batch, pages_per_slot), num_pages, jnp.int32))
+               page_table=jnp.full((batch, pages_per_slot), num_pages, jnp.int32), key_scales=scales(),
+               value_scales=scales())
 
   @property
   def page_size(self) -> int:
@@ -115,12 +121,28 @@ class PagedKVCache:
 
 
 def write_pages(pool: jax.Array, layer: jax.Array, new: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
-  """pool [k, L, P, page, h] with new [m, k, h] written into layer `layer` at (pages[i], offsets[i]) [m].
+  """pool [k, L, P, page, (h)] with new [m, k, (h)] written into layer `layer` at (pages[i], offsets[i]) [m].
 
   One scatter; entries whose page is out of range (the table's "no page" marker) are dropped, which is how a free
-  or finished slot's step writes nothing.
+  or finished slot's step writes nothing. Scales ([k, L, P, page], new [m, k]) go through here too.
   """
-  return pool.at[:, layer, pages, offsets].set(new.astype(pool.dtype).transpose(1, 0, 2), mode="drop")
+  return pool.at[:, layer, pages, offsets].set(jnp.moveaxis(new.astype(pool.dtype), 0, 1), mode="drop")
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x [..., h] -> (int8 [..., h], float32 scale [...]) with x ~= int8 x scale: symmetric, one scale per vector
+  (per position and KV head, as jax-llm-examples quantizes its KV), so the error is at most scale / 2."""
+  x = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.rint(x / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def dequantize(x: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+  """int8 [..., h] x scale [...] -> dtype (a float pool passes through)."""
+  if scale is None:
+    return x.astype(dtype)
+  return (x.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def layer_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -74,6 +74,8 @@ class LayerCache:
   # so a 32k-token prompt never builds [t, S] scores
   empty: bool = struct.field(pytree_node=False, default=False)
   page_table: jax.Array | None = None  # [b, attend // page] int32: the pages each row reads (paged pools only)
+  key_scales: jax.Array | None = None  # int8 paged pools: [k, L, P, page] float32
+  value_scales: jax.Array | None = None
 
 
 class Attention(nnx.Module):
@@ -103,10 +105,11 @@ class Attention(nnx.Module):
     if cache is None:
       out = attention(q, k, v, segment_ids, implementation=cfg.attention)
     elif cache.page_table is not None:
-      out, keys, values = paged_update_and_attend(
+      out, keys, values, key_scales, value_scales = paged_update_and_attend(
           q[:, 0], k[:, 0], v[:, 0], cache.keys, cache.values, cache.layer, cache.page_table, cache.starts,
-          segment_ids[:, 0] != 0, cfg.paged_attention)
-      out, cache = out[:, None], cache.replace(keys=keys, values=values)
+          segment_ids[:, 0] != 0, cfg.paged_attention, cache.key_scales, cache.value_scales)
+      out = out[:, None]
+      cache = cache.replace(keys=keys, values=values, key_scales=key_scales, value_scales=value_scales)
     else:
       keys = sharding.constrain(write_rows(cache.keys, cache.layer, k, cache.starts), CACHE_AXES)
       values = sharding.constrain(write_rows(cache.values, cache.layer, v, cache.starts), CACHE_AXES)
@@ -210,7 +213,8 @@ class Qwen2ForCausalLM(nnx.Module):
         raise ValueError(f"a paged KV cache takes one token per row (decode), got {t}")
       pages = -(-min(attend_len or kv_cache.max_len, kv_cache.max_len) // kv_cache.page_size)
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
-                         mask=None, attend=pages * kv_cache.page_size, page_table=kv_cache.page_table[:, :pages])
+                         mask=None, attend=pages * kv_cache.page_size, page_table=kv_cache.page_table[:, :pages],
+                         key_scales=kv_cache.key_scales, value_scales=kv_cache.value_scales)
     elif kv_cache is not None:
       seen = min(attend_len, kv_cache.max_len) if attend_len > 0 else kv_cache.max_len
       cache = LayerCache(keys=kv_cache.keys, values=kv_cache.values, layer=jnp.int32(0), starts=kv_cache.lengths,
@@ -222,6 +226,8 @@ class Qwen2ForCausalLM(nnx.Module):
       return x, None
     # A right-padded chunk advances each row by its real tokens only; slots past that are overwritten later.
     lengths = kv_cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    if isinstance(kv_cache, PagedKVCache):
+      kv_cache = kv_cache.replace(key_scales=cache.key_scales, value_scales=cache.value_scales)
     return x, kv_cache.replace(keys=cache.keys, values=cache.values, lengths=lengths)
 
   def head_kernel(self) -> jax.Array:

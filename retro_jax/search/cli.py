@@ -54,10 +54,12 @@ def _common_config() -> ml_collections.ConfigDict:
   # sharding.serving_mesh); max_concurrent_decodes is the process's total over its replicas, 0: as many decode
   # slots as the KV budget holds at max_seq_len (at most 64), where the budget is kv_memory_bytes when > 0, else
   # kv_memory_fraction of the device memory left after the weights (engine/kv_budget.py). kv_page_size: positions
-  # per page of the paged KV pool the budget becomes (0: one dense max_seq_len row per slot; engine/paging.py).
+  # per page of the paged KV pool the budget becomes (0: one dense max_seq_len row per slot; engine/paging.py);
+  # kv_dtype "int8": that pool in int8 with a scale per position and KV head ("": the compute dtype).
   config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 0, "max_seq_len": 0, "dtype": "float32",
                                              "tensor": 0, "replicas_per_host": 0, "kv_memory_fraction": 0.5,
-                                             "kv_memory_bytes": 0, "kv_page_size": 64})
+                                             "kv_memory_bytes": 0, "kv_page_size": 64,
+                                             "kv_dtype": ""})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 
@@ -138,7 +140,8 @@ def _load_model(config: ml_collections.ConfigDict) -> tuple[TextGenerator, Calla
                                           progress=config.progress,
                                           kv_memory_fraction=config.engine.kv_memory_fraction,
                                           kv_memory_bytes=config.engine.kv_memory_bytes,
-                                          kv_page_size=config.engine.kv_page_size)
+                                          kv_page_size=config.engine.kv_page_size,
+                                          kv_dtype=config.engine.kv_dtype)
   return generator, render_prompt
 
 
