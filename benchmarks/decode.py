@@ -311,13 +311,15 @@ def _timed_run(engine: Qwen2Engine, requests, repeats: int, **driver_kw) -> tupl
 
 
 def _paged_vs_dense(model, config, requests, slots: int, max_len: int, args, pool_fraction: float = 1.0,
-                    repeats: int = 1) -> dict:
-  """The same requests through dense rows and a paged pool (of `pool_fraction` of the dense bytes)."""
+                    repeats: int = 1, dense_run: tuple | None = None) -> dict:
+  """The same requests through dense rows and a paged pool (of `pool_fraction` of the dense bytes); `dense_run`:
+  the dense side's (outputs, figures) from an earlier call on the same requests. The dense side's run is kept in
+  the result under "dense_run"."""
   dense_bytes = slots * max_len * bytes_per_token(config)
   page_bytes = args.kv_page_size * bytes_per_token(config)
   options = dict(_engine_options(args), max_concurrent_decodes=slots, max_seq_len=max_len, eos_token_ids=())
-  dense_out, dense = _timed_run(Qwen2Engine(model, **dict(options, kv_page_size=0), kv_memory_bytes=dense_bytes),
-                                requests, repeats)
+  dense_out, dense = dense_run or _timed_run(
+      Qwen2Engine(model, **dict(options, kv_page_size=0), kv_memory_bytes=dense_bytes), requests, repeats)
   pool = int(pool_fraction * dense_bytes) // page_bytes * page_bytes
   paged_engine = Qwen2Engine(model, **options, kv_memory_bytes=pool)
   paged_out, paged = _timed_run(paged_engine, requests, repeats)
@@ -326,7 +328,8 @@ def _paged_vs_dense(model, config, requests, slots: int, max_len: int, args, poo
               paged=dict(paged, kv_bytes_reserved=pool_bytes, kv_bytes_peak=paged["peak_kv_pages"] * page_bytes),
               identical_outputs=dense_out == paged_out,
               peak_kv_fraction_of_dense=paged["peak_kv_pages"] * page_bytes / dense_bytes,
-              decode_tok_s_paged_over_dense=paged["decode_tok_s"] / dense["decode_tok_s"])
+              decode_tok_s_paged_over_dense=paged["decode_tok_s"] / dense["decode_tok_s"],
+              dense_run=(dense_out, dense))
 
 
 def _retro_records(config, traces: list[int], rollouts: int, rollout_tokens: int, question: int = 64, seed: int = 0):
@@ -350,18 +353,21 @@ def bench_paged(args) -> dict:
   out = dict(model=args.retro_model, dtype=args.dtype, page_size=args.kv_page_size, slots=args.paged_slots)
   out["short"] = dict(prompt_len=prompt_len, new_tokens=new_tokens, **_paged_vs_dense(
       model, config, short, args.paged_slots, _pow2(prompt_len + new_tokens), args, repeats=3))
+  del out["short"]["dense_run"]
   print(json.dumps({"paged_short": out["short"]}), flush=True)
   traces = [t for t in (1024, 2048, 4096, 8192, 16384, 32768) if t <= args.paged_max_trace]
   records = _retro_records(config, traces, rollouts=8, rollout_tokens=args.rollout_tokens)
   max_len = -(-(64 + traces[-1] + args.rollout_tokens) // 1024) * 1024
   out["long"] = dict(traces=traces, rollouts_per_trace=8, rollout_tokens=args.rollout_tokens, max_seq_len=max_len,
                      **_paged_vs_dense(model, config, records, args.paged_slots, max_len, args))
+  dense_run = out["long"].pop("dense_run")
   print(json.dumps({"paged_long": out["long"]}), flush=True)
   # a pool of half what the paged run held at its peak (at least one max_seq_len sequence): the same records must
   # wait or be preempted, and still give the same tokens
   dense_bytes = args.paged_slots * max_len * bytes_per_token(config)
   fraction = max(out["long"]["peak_kv_fraction_of_dense"] / 2, 1 / args.paged_slots)
-  tight = _paged_vs_dense(model, config, records, args.paged_slots, max_len, args, pool_fraction=fraction)
+  tight = _paged_vs_dense(model, config, records, args.paged_slots, max_len, args, pool_fraction=fraction,
+                          dense_run=dense_run)
   out["long_tight_pool"] = dict(pool_fraction_of_dense=fraction, pool_bytes=int(fraction * dense_bytes),
                                 paged=tight["paged"], identical_outputs=tight["identical_outputs"],
                                 wall_over_full_pool=tight["paged"]["wall_s"] / out["long"]["paged"]["wall_s"])

@@ -226,8 +226,10 @@ class Driver:
         self._flush(groups, params, waiting, ready, bar)
         reuse = self._plan(prompt)[2]
       if reuse >= min_reuse:
+        tic = time.perf_counter()
         prefilled, first, reuse = self._prefill_one(params, prompt, request)
-        self._started(job, prompt, reuse, prefilled, first, waiting, ready, bar)
+        self._started(job, prompt, reuse, prefilled, first, waiting, ready, bar)  # copies the first tokens: waits
+        self.stats.prefill_seconds += time.perf_counter() - tic
         continue
       length = bucket(len(prompt), min_reuse, self.engine.max_seq_len)
       groups.setdefault(length, []).append((job, prompt))
@@ -245,7 +247,6 @@ class Driver:
   def _prefill_one(self, params, prompt: np.ndarray, request: GenerationRequest):
     """One prompt prefilled after the longest cached prefix it shares (or from scratch): (Prefilled, its first
     tokens, tokens reused)."""
-    tic = time.perf_counter()
     entry, cached, reuse, padded = self._plan(prompt)
     existing, hit_pages = None, []
     if reuse >= self.engine.prefill_buckets[0]:
@@ -259,7 +260,6 @@ class Driver:
     tokens[:len(prompt) - reuse] = prompt[reuse:]
     prefix, first = self.engine.prefill(params=params, existing_prefix=existing, padded_tokens=tokens,
                                         true_length=len(prompt) - reuse, request=request)
-    self.stats.prefill_seconds += time.perf_counter() - tic
     return Prefilled(prefix, prompt, hit_entry=entry, hit_pages=hit_pages), first, reuse
 
   def _flush(self, groups: dict[int, list[tuple[_Job, np.ndarray]]], params, waiting, ready, bar) -> None:
@@ -346,7 +346,10 @@ class Driver:
     prompt = np.asarray(request.prompt_tokens + tuple(sample.tokens[:-1]), np.int32)
     resumed = dataclasses.replace(request, prompt_tokens=tuple(prompt.tolist()),
                                   max_new_tokens=request.max_new_tokens - len(sample.tokens) + 1)
-    prefilled, _, reuse = self._prefill_one(params, prompt, resumed)
+    tic = time.perf_counter()
+    prefilled, first, reuse = self._prefill_one(params, prompt, resumed)
+    first.convert_to_numpy()  # waits for the prefill, so its time is counted here
+    self.stats.prefill_seconds += time.perf_counter() - tic
     self.stats.recomputed_tokens += len(prompt) - reuse
     prefilled.pending = 1
     return prefilled

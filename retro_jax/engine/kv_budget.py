@@ -1,8 +1,8 @@
 """The decode KV cache as a memory budget: sized and checked at start-up, never discovered by an OOM.
 
-The engine reserves `max_concurrent_decodes x max_seq_len` KV positions up front (one dense row per slot), and
-with the search defaults (64 x 32,768) that is 51 GB for a 0.5B model in float32: a raw RESOURCE_EXHAUSTED
-half-way through start-up is how a new user found out. So the engine first works out what it may use:
+Dense rows reserve `max_concurrent_decodes x max_seq_len` KV positions up front (one row per slot), and with
+the search defaults (64 x 32,768) that is 51 GB for a 0.5B model in float32: a raw RESOURCE_EXHAUSTED half-way
+through start-up is how a new user found out. So the engine first works out what it may use:
 
   budget = kv_memory_bytes                                             when given (> 0)
          = kv_memory_fraction x (device memory - this device's share of the weights)   otherwise
@@ -10,14 +10,14 @@ half-way through start-up is how a new user found out. So the engine first works
 per device (slots are split over data x fsdp, KV heads over tensor). Device memory is the accelerator's
 `bytes_limit`; a CPU device has none, so its share of the host memory available at start-up stands in (the
 weights already sit in it, and the host is shared with whatever else runs there).
-Then `max_concurrent_decodes=0` ("auto") takes as many slots as the budget holds (at most `MAX_AUTO_SLOTS`),
-and explicit slots that do not fit stop with one line that says what to lower.
+For dense rows (`kv_page_size` 0), `max_concurrent_decodes=0` ("auto") takes as many slots as the budget holds
+(at most `MAX_AUTO_SLOTS`), and explicit slots that do not fit stop with one line that says what to lower.
 
 With a paged pool (`kv_page_size` > 0, the default) the budget becomes pages, not rows: slots take pages as their
 tokens arrive, so slots x max_seq_len may exceed the budget. What must fit is one sequence of max_seq_len per
 shard (else a long request could never run); "auto" assumes a slot holds `PAGED_AUTO_FILL` of max_seq_len on
 average (traces stop well short of their limit) and the driver makes requests wait, or preempts and later
-recomputes one, when the pool runs out.
+recomputes one, when the pool runs out. The pool never takes more than dense rows would (`pool_pages`).
 """
 from __future__ import annotations
 

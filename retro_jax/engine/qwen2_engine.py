@@ -15,6 +15,11 @@ Shapes and compiles (everything static is a power-of-two bucket, so a long run c
 The decode state (KV cache + per-slot sampling arrays) is donated to `insert` and `generate`, so XLA updates
 it in place instead of copying batch x max_seq_len x layers of KV every call.
 
+The KV cache is a paged pool by default (`kv_page_size`, models/kv_cache.PagedKVCache): the host hands pages to
+slots (engine/paging.py) and sends every slot's page table with each `generate` call; `insert` writes a prompt's
+KV into the slot's own pages only (its shared full pages are written once, by `write_pages`), and a cached prefix
+comes back through `gather_pages`. `kv_page_size=0` keeps one dense max_seq_len row per slot.
+
 Sharding (SERVE_RULES): decode slots over data (and fsdp), weights and KV heads over tensor. A prefix has few
 rows, so its batch axis is replicated and only its KV heads are split.
 """
