@@ -473,7 +473,9 @@ def main(argv=None) -> None:
   parser.add_argument("--trace-tokens", type=int, default=2048)
   parser.add_argument("--rollout-tokens", type=int, default=128 if on_gpu else 32)
   parser.add_argument("--retro-slots", type=int, default=16 if on_gpu else 8)
-  parser.add_argument("--kv-page-size", type=int, default=64, help="0: dense rows (the decode and retro runs)")
+  parser.add_argument("--kv-page-size", type=int, default=64,
+                      help="positions per KV page in these runs (the engine's default is 16); 0: dense rows for the "
+                      "decode and retro runs")
   parser.add_argument("--paged-slots", type=int, default=64)
   parser.add_argument("--paged-max-trace", type=int, default=32768)
   parser.add_argument("--paged-parity-model", default="0.5b", help="'' skips the parity run")

@@ -9,8 +9,8 @@ programs is `retro-jax plan`'s job and is not quoted here):
   tokens take 30.1 GB of a 45.6 GB budget: all 64 slots (the paged pool is capped at what dense rows would take);
 - R1-Distill-Qwen-32B (--config.model=/mnt/disks/models/DeepSeek-R1-Distill-Qwen-32B): 16.4 GB of weights and
   65,536 B per position per chip: 64 x 32k would need 137 GB of dense rows (18 slots would fit the 39.3 GB
-  budget), but the KV is a paged pool (`engine.kv_page_size` 64, engine/paging.py): 9,369 pages of 64 positions
-  (599,616 positions, 39.3 GB) shared by 64 slots, which take pages as their rollouts grow; when the pool runs
+  budget), but the KV is a paged pool (`engine.kv_page_size` 16, engine/paging.py): 37,479 pages of 16 positions
+  (599,664 positions, 39.3 GB) shared by 64 slots, which take pages as their rollouts grow; when the pool runs
   out, rollouts wait or the newest is preempted and recomputed later (kv_budget.describe's arithmetic).
 `engine.tensor` is the per-replica chip count of the multi-host rollout work (issue of the pod helper); without
 it the engine runs on one chip and the budget shrinks the slots accordingly, with a start-up line saying so.

@@ -104,7 +104,8 @@ class Qwen2Engine(Engine):
       budget holds at max_seq_len (at most kv_budget.MAX_AUTO_SLOTS).
     max_seq_len: KV positions per decode slot: prompt + generated tokens must fit.
     kv_page_size: positions per page of a paged KV pool (0: one dense max_seq_len row per slot). The pool is
-      sized from the budget; the driver hands pages to slots as their tokens arrive (engine/page_pool.py).
+      sized from the budget; the driver hands pages to slots as their tokens arrive (engine/page_pool.py). Only
+      whole pages are shared between prompts, so small pages keep more of a cached prefix reusable.
     kv_dtype: "int8" stores the paged pool as int8 with a float32 scale per position and KV head (about half of
       bfloat16's bytes); "" keeps the model's compute dtype.
     kv_memory_fraction, kv_memory_bytes: the per-device KV budget (see kv_budget.py): a byte count when > 0,
@@ -122,7 +123,7 @@ class Qwen2Engine(Engine):
                decode_steps: int = 16, eos_token_ids: tuple[int, ...] | None = None, mesh: Mesh | None = None,
                min_prefill_bucket: int = 16, min_attend_bucket: int = 128, max_prefill_batch: int = 8,
                max_prefill_tokens: int = 4096, kv_memory_fraction: float = kv_budget.DEFAULT_KV_MEMORY_FRACTION,
-               kv_memory_bytes: int = 0, kv_page_size: int = 64, kv_dtype: str = ""):
+               kv_memory_bytes: int = 0, kv_page_size: int = 16, kv_dtype: str = ""):
     if kv_dtype not in ("", "int8") or (kv_dtype and not kv_page_size):
       raise kv_budget.KVBudgetError(f"engine.kv_dtype must be '' or 'int8' (int8 with a paged pool, "
                                     f"engine.kv_page_size > 0), got {kv_dtype!r} with kv_page_size {kv_page_size}")

@@ -41,7 +41,7 @@ def load_text_generator(model_dir: str, *, max_concurrent_decodes: int = 8, max_
                         dtype: str = "float32", mesh: Mesh | None = None, decode_steps: int = 16,
                         prefix_cache_bytes: int = 1 << 30, progress: bool = True,
                         kv_memory_fraction: float = DEFAULT_KV_MEMORY_FRACTION, kv_memory_bytes: int = 0,
-                        kv_page_size: int = 64, kv_dtype: str = "") -> Driver:
+                        kv_page_size: int = 16, kv_dtype: str = "") -> Driver:
   """A `TextGenerator` over an HF checkpoint directory (config.json, safetensors, tokenizer files).
 
   `dtype` is both the storage and the compute dtype ("float32", "bfloat16"). EOS ids are the tokenizer's

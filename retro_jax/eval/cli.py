@@ -68,7 +68,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
   # tensor / replicas_per_host: chips per replica / replicas (0: automatic); kv_page_size: positions per page of
   # the paged KV pool (0: a dense max_seq_len row per slot)
   config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 64, "max_seq_len": 0, "dtype": "float32",
-                                             "tensor": 0, "replicas_per_host": 0, "kv_page_size": 64})
+                                             "tensor": 0, "replicas_per_host": 0, "kv_page_size": 16})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
 

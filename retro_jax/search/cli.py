@@ -58,7 +58,7 @@ def _common_config() -> ml_collections.ConfigDict:
   # kv_dtype "int8": that pool in int8 with a scale per position and KV head ("": the compute dtype).
   config.engine = ml_collections.ConfigDict({"max_concurrent_decodes": 0, "max_seq_len": 0, "dtype": "float32",
                                              "tensor": 0, "replicas_per_host": 0, "kv_memory_fraction": 0.5,
-                                             "kv_memory_bytes": 0, "kv_page_size": 64,
+                                             "kv_memory_bytes": 0, "kv_page_size": 16,
                                              "kv_dtype": ""})
   config.grading = ml_collections.ConfigDict({"num_workers": 2, "timeout_s": 5.0})
   return config
