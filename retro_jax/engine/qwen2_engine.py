@@ -548,7 +548,7 @@ class Qwen2Engine(Engine):
                        attend_lengths: list[int] | None = None):
     """Yields (name, jax Lowered) for every program `warmup` compiles, from abstract shapes only: the state
     init; for each prefill bucket in `prefill_lengths` (default all), prefills of every power-of-two number of
-    rows with their inserts and prefix-cache trims; then `generate` at each attend bucket in `attend_lengths`
+    rows with their inserts, prefix-cache trims and (paged pools) the writes of a prompt's shared pages; then `generate` at each attend bucket in `attend_lengths`
     (default all). `params` may be arrays or ShapeDtypeStructs with shardings: `retro-jax plan` lowers these
     same programs for a TPU topology without weights.
     """
@@ -574,7 +574,9 @@ class Qwen2Engine(Engine):
         prefix_abs = abstract(Prefix(cache_abs, *sampled[:6]), self.get_prefix_destination_sharding())
         insert_args = (prefix_abs, state_abs) + (scalar,) * 5
         if self.page_size:
-          insert_args += (jax.ShapeDtypeStruct((self.pages_per_slot,), jnp.int32),) * 2
+          page_row = jax.ShapeDtypeStruct((self.pages_per_slot,), jnp.int32)
+          insert_args += (page_row, page_row)
+          yield f"write_pages[{rows}x{length}]", lower(self._write_pages, prefix_abs, state_abs, page_row)
         yield f"insert[{rows}x{length}]", lower(self._insert, *insert_args)
         if rows > 1:
           yield f"trim[{rows}x{length}]", lower(self._trim, cache_abs, prefix_abs.row, length)
