@@ -84,10 +84,11 @@ class SlotPages:
     if self.prefix_cache is not None and self.prefix_cache.holds(prefilled.hit_entry) and all(
         self.pool.shard_of(p) == shard for p in prefilled.hit_pages):
       hit = prefilled.hit_pages[:full]
+    self.pool.retain(hit)  # before allocating: the eviction it may do must not free (and hand out) these pages
     own = self._allocate(full - len(hit), shard, headroom)
     if own is None:
+      self.pool.release(hit)
       return None
-    self.pool.retain(hit)
     pages = hit + own
     if own:
       state = self.engine.write_pages(prefilled.prefix, state, pages, shared_pages=len(hit))
@@ -107,7 +108,8 @@ class SlotPages:
     if prepared is None:
       return None
     state, shared = prepared
-    own = self._allocate(partial, shard, 0 if shard in prefilled.shared else headroom)
+    # prompt_pages left `partial + headroom` free when it wrote pages, so this fails only when it wrote nothing
+    own = self._allocate(partial, shard, headroom)
     if own is None:
       return None
     self.pool.retain(shared)
